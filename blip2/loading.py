@@ -139,17 +139,17 @@ def _load_ours(folder: Path, plan: LoadPlan, label: str) -> Blip2:
 def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, label: str) -> Blip2:
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
+    # Validate the cheap parts before loading the (slow) frozen ones.
+    try:
+        qformer_config = Blip2QFormerConfig(**config.qformer)
+    except Exception as exc:  # transformers raises TypeError, ValueError or strict-dataclass validation errors
+        raise CheckpointError(f"Invalid Q-Former config in the checkpoint: {exc}") from exc
+    vision = build_encoder(config.vision)
     language_model, tokenizer = load_llm(config.llm, plan)
     llm_device = language_model.get_input_embeddings().weight.device
     # The image tower is small next to the LLM: on CPU keep it fp32 (bf16 BatchNorm/convolutions lose accuracy
     # for no speed), on GPU use the plan's float dtype.
-    vision_dtype = torch.float32 if llm_device.type == "cpu" else plan.dtype
-    vision = build_encoder(config.vision).to(llm_device, vision_dtype).freeze()
-
-    try:
-        qformer_config = Blip2QFormerConfig(**config.qformer)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"Invalid Q-Former config in the checkpoint: {exc}") from exc
+    vision = vision.to(llm_device, torch.float32 if llm_device.type == "cpu" else plan.dtype).freeze()
     torch.manual_seed(0)  # an untrained default is at least the same random model every run
     qformer = Blip2QFormerModel(qformer_config)
     query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))

@@ -127,37 +127,25 @@ def test_missing_weights(our_checkpoint, tmp_path):
         load(folder)
 
 
-def test_weights_from_another_config(our_checkpoint, tmp_path):
-    folder = _copy(our_checkpoint, tmp_path / "c")
+def _edit_config(folder, **changes):
     config = json.loads((folder / CONFIG_NAME).read_text())
-    config["num_query_tokens"] = 7
+    config.update({k: (v(folder) if callable(v) else v) for k, v in changes.items()})
     (folder / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(blip2.CheckpointError, match="do not match"):
-        load(folder)
 
 
-def test_newer_format_version(our_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(num_query_tokens=7), "do not match"),  # weights from a run with another config
+        (dict(format_version=99), "Upgrade"),
+        (dict(llm=lambda folder: str(folder / "gone")), "language model"),
+        (dict(vision={"type": "resnet"}), "Unknown image encoder"),
+        (dict(qformer={"hidden_size": "wide"}), "Invalid Q-Former config"),
+    ],
+    ids=["other-config", "newer-format", "missing-llm", "unknown-encoder", "bad-qformer"],
+)
+def test_broken_config(our_checkpoint, tmp_path, changes, message):
     folder = _copy(our_checkpoint, tmp_path / "c")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["format_version"] = 99
-    (folder / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(blip2.CheckpointError, match="Upgrade"):
-        load(folder)
-
-
-def test_missing_llm_reference(our_checkpoint, tmp_path):
-    folder = _copy(our_checkpoint, tmp_path / "c")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["llm"] = str(tmp_path / "gone")
-    (folder / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(blip2.CheckpointError, match="language model"):
-        load(folder)
-
-
-def test_unknown_encoder_type(our_checkpoint, tmp_path):
-    folder = _copy(our_checkpoint, tmp_path / "c")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    config["vision"] = {"type": "resnet"}
-    (folder / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(blip2.CheckpointError, match="Unknown image encoder"):
+    _edit_config(folder, **changes)
+    with pytest.raises(blip2.CheckpointError, match=message):
         load(folder)
