@@ -31,7 +31,6 @@ import bisect
 import csv
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -47,6 +46,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, IterableDataset, get_worker_info
 
 from blip2.images import InvalidImageError, load_image
+
+from .scenes import make_scene
 
 __all__ = [
     "ConcatPairs",
@@ -237,15 +238,22 @@ class TuxPaintStamps(PairDataset):
     mirrored versions of another stamp, not stamps of their own: left out. Stamps that exist only as SVG are
     skipped (``skipped["svg_only"]``) unless ``cairosvg`` is installed. A stamp whose ``.dat`` says ``nomirror``
     (writing, coins) gets ``flip_ok=False``. The held-out split hashes the path relative to ``root``
-    (:func:`held_out`), so a held-out stamp stays held out across runs and package versions.
+    (:func:`held_out`), so a held-out stamp stays held out across runs and package versions. Near-duplicates
+    share a caption ("The letter W." for ``W_filled`` and ``W_outline``, both chess knights); ``split_by="caption"``
+    hashes the caption instead, keeping such groups on one side (stable as long as the caption is).
     """
 
     source = "tuxpaint"
 
+    def _in_split(self, key: str, test_fraction: float, seed: int) -> bool:
+        return self.split == "all" or held_out(key, test_fraction, seed) == (self.split == "test")
+
     def __init__(self, root: str = TUXPAINT_STAMPS, split: str = "train", test_fraction: float = 0.1, seed: int = 0,
-                 transform: Callable | None = None, svg_size: int = 512):
+                 transform: Callable | None = None, svg_size: int = 512, split_by: str = "path"):
         super().__init__(transform)
         _check_split(split)
+        if split_by not in ("path", "caption"):
+            raise ValueError("split_by must be 'path' or 'caption'")
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"No Tux Paint stamps at {root}; install them with `apt-get install tuxpaint-stamps-default`."
@@ -270,7 +278,16 @@ class TuxPaintStamps(PairDataset):
             if re.search(r"_(mirror|flip)$", stem):
                 continue
             key = os.path.relpath(stem, root).replace(os.sep, "/")
-            if split != "all" and held_out(key, test_fraction, seed) != (split == "test"):
+            caption = ""
+            if ".txt" in files:
+                try:
+                    with open(files[".txt"], encoding="utf-8", errors="replace") as fh:
+                        caption = stamp_caption(fh.read())
+                except OSError:
+                    pass
+            # Uncaptioned stamps fall back to the path, so each skip is counted in exactly one split.
+            split_key = caption.lower() if split_by == "caption" and caption else key
+            if not self._in_split(split_key, test_fraction, seed):
                 continue
             if ".png" in files:
                 image = files[".png"]
@@ -282,11 +299,6 @@ class TuxPaintStamps(PairDataset):
             if ".txt" not in files:
                 self.skipped["no_caption"] += 1
                 continue
-            try:
-                with open(files[".txt"], encoding="utf-8", errors="replace") as fh:
-                    caption = stamp_caption(fh.read())
-            except OSError:
-                caption = ""
             flip_ok = True
             if ".dat" in files:
                 try:
@@ -442,8 +454,6 @@ class Scenes(Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> dict:
-        from .scenes import make_scene
-
         if not 0 <= index < self.n:
             raise IndexError(index)
         scene = make_scene(scene_seed(self.seed, index), size=self.size)

@@ -18,6 +18,14 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
+def max_over_processes(value: int) -> int:
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value])
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return int(tensor)
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0 (no gradient). Equal shapes on all ranks required."""
     if not is_distributed():

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .data import Skipped, collate_pairs
+from .data import collate_pairs
 
 __all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "collate_features"]
 

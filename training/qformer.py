@@ -177,6 +177,13 @@ class Stage1QFormer(nn.Module):
         """
         batch = image_embeds.shape[0]
         rank, world = dist.rank(), dist.world_size()
+        # Texts are padded to the longest in the *global* batch: negatives are exchanged between processes, and
+        # N processes then see exactly the tensors one process would.
+        length = dist.max_over_processes(input_ids.shape[1])
+        if length > input_ids.shape[1]:
+            extra = length - input_ids.shape[1]
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask = F.pad(attention_mask, (0, extra), value=0)
         if image_ids is None:
             image_ids = torch.arange(batch, device=image_embeds.device) + rank * batch
         with torch.no_grad():

@@ -222,8 +222,8 @@ def _caption(rng: random.Random, objects, background: str) -> str:
         parts.append(phrase)
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     template = rng.choice(("{}", "{}", "a picture of {}", "there is {}", "{} on a {} background"))
-    if template.startswith("there is") and (len(objects) > 1):
-        template = "there are {}"
+    if template.startswith("there is") and not listed.startswith(("a ", "an ")):
+        template = "there are {}"  # "there are two red circles ...", but "there is a square and two circles"
     text = template.format(listed, background)
     return text[0].upper() + text[1:] + "."
 

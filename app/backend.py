@@ -1,0 +1,71 @@
+"""The app's view of a model: a small interface with plain-Python types, so app/ never imports torch.
+
+``app.py`` wires a real ``blip2`` model to it (``Blip2Backend``); tests use a fake. Images cross this boundary as
+encoded bytes (what the browser uploaded); the backend validates them and raises :class:`BadImage` with a human
+message when they are unusable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class BadImage(ValueError):
+    """The uploaded file is not a usable image; the message says why, for the chat."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What is serving, shown in the UI at all times."""
+
+    source: str
+    precision: str
+    device: str
+    llm_family: str
+    untrained: bool = False
+    notes: tuple[str, ...] = ()
+    context_length: int | None = None
+
+    @property
+    def summary(self) -> str:
+        return f"{self.source} · {self.precision} · {self.device}"
+
+
+@dataclass
+class ReplyStats:
+    """A finished reply, for the generation record."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    first_token_seconds: float | None = None
+    notice: str | None = None  # e.g. "The conversation was too long for the model: ..."
+    cancelled: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class ReplyStream(Protocol):
+    """Text chunks as they are generated. ``cancel()`` stops at the next token; ``reply`` is set once done."""
+
+    reply: ReplyStats | None
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    card: ModelCard
+
+    def check_image(self, image: bytes) -> None:
+        """Raise BadImage if ``image`` cannot be used (format, size, corrupt, ...)."""
+
+    def chat(self, image: bytes, history: Sequence[tuple[str, str]], message: str, settings: dict) -> ReplyStream:
+        """Stream the reply to ``message`` about ``image`` after ``history`` (user, assistant) turns.
+        ``settings`` are decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p, ...)."""
+
+    def caption(self, image: bytes, settings: dict) -> ReplyStream:
+        """Stream a caption of ``image``."""
