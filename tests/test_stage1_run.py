@@ -101,3 +101,32 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     result = subprocess.run(command(tmp_path, "optim.learning_rate=1"), cwd=ROOT, capture_output=True, text=True,
                             env=env(), timeout=120)
     assert result.returncode == 2 and "Unknown config key 'optim.learning_rate'" in result.stderr
+
+
+def test_eval_retrieval_writes_json(reference, tmp_path):
+    import json
+
+    result = run([sys.executable, "-m", "training", "eval-retrieval", "--checkpoint", str(reference / "stage1"),
+                  "--data", "scenes:12:99", "--k", "4", "--output", str(tmp_path)])
+    report = json.loads((tmp_path / "retrieval-scenes-12-99.json").read_text())
+    assert report["images"] == 12 and report["texts"] == 12 and report["chance_R@1"] == pytest.approx(100 / 12)
+    for mode in ("itc", "itc+itm"):
+        for direction in ("image_to_text", "text_to_image"):
+            recalls = report[mode][direction]
+            assert 0 <= recalls["R@1"] <= recalls["R@5"] <= recalls["R@10"] <= 100
+    assert "R@1" in result.stdout
+
+
+def test_augmented_uncached_run(tmp_path):
+    """The other data path: images decoded, augmented and encoded every step (no feature cache)."""
+    run(command(tmp_path, "data.augment=true", "data.cache_features=false", "train.steps=2", "train.save_every=2",
+                "train.log_every=1"))
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    assert not (tmp_path / "features").exists()
+
+
+def test_augment_with_cache_is_refused(tmp_path):
+    result = subprocess.run(command(tmp_path, "data.augment=true"), cwd=ROOT, capture_output=True, text=True,
+                            env=env(), timeout=120)
+    assert result.returncode == 2 and "cache_features needs data.augment: false" in result.stderr

@@ -48,7 +48,22 @@ def _merge(config: dict, data: dict, defaults: dict, prefix: str) -> None:
         if isinstance(defaults[key], dict) and defaults[key] and "type" not in defaults[key] and isinstance(value, dict):
             _merge(config[key], value, defaults[key], prefix=f"{name}.")
         else:
-            config[key] = value
+            config[key] = _coerce(value, defaults[key], name)
+
+
+def _coerce(value, default, name: str):
+    """YAML reads '1e-3' as a string (no dot); take numbers by the default's type, and say so when impossible."""
+    if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {value!r}.") from None
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, not {value!r}.") from None
+    return value
 
 
 def _set(config: dict, dotted: str, value, defaults: dict) -> None:
@@ -60,7 +75,7 @@ def _set(config: dict, dotted: str, value, defaults: dict) -> None:
         node, spec = node[part], spec[part]
     if last not in spec:
         raise ConfigError(f"Unknown config key {dotted!r}; known under it: {', '.join(sorted(spec))}.")
-    node[last] = value
+    node[last] = _coerce(value, spec[last], dotted)
 
 
 def dump_config(config: dict, path: Path) -> None:
