@@ -1,0 +1,176 @@
+"""Start the BLIP-2 chat app: ``python app.py`` serves the offline default model at http://127.0.0.1:7860.
+
+This file is the only place where the app meets ``blip2`` (and torch): ``Blip2Backend`` adapts a loaded model to
+the small interface in ``app/backend.py``; ``app/`` itself never imports torch. Every option has an environment
+variable (for Hugging Face Spaces and containers); a command-line flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import blip2  # noqa: E402
+from app.backend import BadImage, ModelCard, ReplyStats  # noqa: E402
+
+try:  # ZeroGPU Spaces: run generation under spaces.GPU; elsewhere this decorator is a no-op
+    import spaces  # type: ignore[import-not-found]
+
+    _gpu = spaces.GPU
+except Exception:  # noqa: BLE001 - not installed (or broken): no ZeroGPU
+    def _gpu(fn):
+        return fn
+
+
+class _Stream:
+    """A blip2.TextStream seen as an app.backend.ReplyStream (text chunks, cancel(), reply as ReplyStats)."""
+
+    def __init__(self, text_stream: blip2.TextStream):
+        self._stream = text_stream
+
+    def __iter__(self):
+        return _iterate(self._stream)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    @property
+    def reply(self) -> ReplyStats | None:
+        r = self._stream.reply
+        if r is None:
+            return None
+        return ReplyStats(text=r.text, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens, seconds=r.seconds,
+                          first_token_seconds=r.first_token_seconds, notice=r.notice, cancelled=r.cancelled,
+                          extra=dict(reused_prefix_tokens=r.reused_prefix_tokens, dropped_turns=r.dropped_turns))
+
+
+@_gpu
+def _iterate(text_stream):
+    """Generation happens while this generator is consumed; on ZeroGPU that is when a GPU is attached."""
+    yield from text_stream
+
+
+class Blip2Backend:
+    """``app.backend.Backend`` over a loaded ``blip2.Blip2``; InvalidImageError becomes BadImage."""
+
+    def __init__(self, model: blip2.Blip2):
+        self.model = model
+        info = model.info
+        self.card = ModelCard(source=info.source, precision=info.precision, device=info.device,
+                              llm_family=info.llm_family, untrained=info.untrained, notes=tuple(info.notes),
+                              context_length=model.context_length)
+
+    def check_image(self, image: bytes) -> None:
+        try:
+            blip2.load_image(image)
+        except blip2.InvalidImageError as exc:
+            raise BadImage(str(exc)) from None
+
+    def _start(self, call) -> _Stream:
+        try:
+            return _Stream(call())
+        except blip2.InvalidImageError as exc:
+            raise BadImage(str(exc)) from None
+        except blip2.PromptTooLongError as exc:
+            raise ValueError(str(exc)) from None
+
+    def chat(self, image: bytes, history: Sequence[tuple[str, str]], message: str, settings: dict) -> _Stream:
+        return self._start(lambda: self.model.chat(image, list(history), message, stream=True, **settings))
+
+    def caption(self, image: bytes, settings: dict) -> _Stream:
+        prompt = self.model.prompt_format.caption_prompt
+        return self._start(lambda: self.model.stream(image, prompt, **settings))
+
+
+def _env(name: str, default=None):
+    value = os.environ.get(name)
+    return default if value in (None, "") else value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=_env("BLIP2_MODEL", "default"),
+                   help='"default", a hub id or a checkpoint folder (env BLIP2_MODEL)')
+    p.add_argument("--precision", default=_env("BLIP2_PRECISION", "auto"),
+                   help="fp32 | bf16 | fp16 | int8 | nf4 | auto (env BLIP2_PRECISION)")
+    p.add_argument("--device", default=_env("BLIP2_DEVICE", "auto"), help="auto | cpu | cuda | cuda:N (env BLIP2_DEVICE)")
+    p.add_argument("--db-url", default=_env("BLIP2_DB_URL"),
+                   help="SQLAlchemy URL; default SQLite in the data dir (env BLIP2_DB_URL)")
+    p.add_argument("--data-dir", default=_env("BLIP2_DATA_DIR", "data"), help="history and images (env BLIP2_DATA_DIR)")
+    p.add_argument("--host", default=_env("BLIP2_HOST", _env("GRADIO_SERVER_NAME", "127.0.0.1")),
+                   help="address to listen on (env BLIP2_HOST or GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, default=int(_env("BLIP2_PORT", _env("GRADIO_SERVER_PORT", "7860"))),
+                   help="port (env BLIP2_PORT or GRADIO_SERVER_PORT)")
+    p.add_argument("--share", action="store_true", default=_env("BLIP2_SHARE", "") in ("1", "true", "True"),
+                   help="a public gradio.live link (needs network; env BLIP2_SHARE=1)")
+    p.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                   help="require a login; repeatable (env BLIP2_AUTH, comma-separated)")
+    p.add_argument("--auth-file", default=_env("BLIP2_AUTH_FILE"),
+                   help="file with one USER:PASSWORD per line (env BLIP2_AUTH_FILE)")
+    p.add_argument("--max-concurrency", type=int, default=int(_env("BLIP2_MAX_CONCURRENCY", "1")),
+                   help="generations running at once (env BLIP2_MAX_CONCURRENCY)")
+    p.add_argument("--queue-size", type=int, default=int(_env("BLIP2_QUEUE_SIZE", "16")),
+                   help="requests waiting at most; more are told the app is busy (env BLIP2_QUEUE_SIZE)")
+    return p.parse_args(argv)
+
+
+def parse_auth(entries: Sequence[str] | None, auth_file: str | None) -> list[tuple[str, str]] | None:
+    """[(user, password), ...] from USER:PASSWORD entries, BLIP2_AUTH and an auth file; None when empty."""
+    lines = list(entries or [])
+    if not entries and _env("BLIP2_AUTH"):
+        lines += _env("BLIP2_AUTH").split(",")
+    if auth_file:
+        lines += [line for line in Path(auth_file).read_text().splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    pairs = []
+    for line in lines:
+        user, sep, password = line.strip().partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"error: --auth wants USER:PASSWORD, got {line.strip()!r}")
+        pairs.append((user, password))
+    return pairs or None
+
+
+def browser_secret(data_dir: str | Path) -> str:
+    """The key the browser's anonymous id is encrypted with, kept in the data dir so ids survive a restart."""
+    path = Path(data_dir) / "browser_secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(24)
+        path.write_text(secret)
+        path.chmod(0o600)
+        return secret
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth, args.auth_file)
+    from app.store import ConversationStore
+    from app.ui import build_ui
+
+    try:
+        model = blip2.load(args.model, precision=args.precision, device=args.device)
+    except blip2.Blip2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    backend = Blip2Backend(model)
+    print(f"Loaded {model.info.summary()}", flush=True)  # which model, precision and device
+    store = ConversationStore(db_url=args.db_url, data_dir=args.data_dir)
+    demo = build_ui(backend, store, auth=auth, max_concurrency=args.max_concurrency, queue_size=args.queue_size,
+                    browser_secret=browser_secret(args.data_dir))
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

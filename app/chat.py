@@ -1,0 +1,500 @@
+"""What the app does, as plain functions over a per-browser-session ``dict``: no Gradio, no torch.
+
+``app/ui.py`` wires these to Gradio events; tests drive them directly with a fake backend and store. A session
+holds who the user is (``owner``), the open conversation, the current picture and the turns shown in the chat.
+Every store call goes through :meth:`ChatApp._save`, so a database that is down or locked never stops the chat:
+the reply still streams and a note says the history could not be saved.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.backend import Backend, BadImage
+
+from app.store import NotFound, StoreError, StoreUnavailable
+
+
+# Mirrors blip2.Decoding's defaults (app/ must not import blip2; tests/test_app_handlers.py checks they agree).
+DEFAULT_DECODING = dict(
+    max_new_tokens=64, min_new_tokens=0, num_beams=1, length_penalty=1.0, do_sample=False, temperature=1.0,
+    top_p=0.9, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=3, seed=None,
+)
+# The decoding panel's controls, in order (ui.py builds one control per name).
+CONTROL_NAMES = ("mode", "temperature", "top_p", "max_new_tokens", "min_new_tokens", "length_penalty",
+                 "repetition_penalty", "num_beams")
+BEAM, SAMPLING = "Beam search", "Nucleus sampling"
+
+# One click, one prompt. The last five are the kinds of instruction shown in the BLIP-2 paper's Fig. 4.
+PRESETS = {
+    "Short caption": "Write a short caption for this image.",
+    "Detailed description": "Describe this image in detail.",
+    "Explain the image": "Explain what is happening in this image.",
+    "Tell a story": "Tell me a short story about this picture.",
+    "Romantic message": "Write a romantic message that goes along with this photo.",
+    "Ingredients": "What are the ingredients I need to make this?",
+    "History of the place": "Tell me something about the history of this place.",
+}
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # blip2's own limit; Gradio's upload limit is set a little higher (ui.py)
+TITLE_CHARS = 60
+_OWNER_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
+SAVE_FAILED = "⚠️ History could not be saved ({reason}). The chat still works, but this part may be missing later."
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message is shown as is."""
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+def default_controls() -> dict:
+    """Control values for the decoding panel from the default settings."""
+    return controls_from_settings(DEFAULT_DECODING)
+
+
+def controls_from_settings(settings: dict | None) -> dict:
+    s = {**DEFAULT_DECODING, **(settings or {})}
+    return dict(mode=SAMPLING if s["do_sample"] else BEAM, temperature=s["temperature"], top_p=s["top_p"],
+                max_new_tokens=s["max_new_tokens"], min_new_tokens=s["min_new_tokens"],
+                length_penalty=s["length_penalty"], repetition_penalty=s["repetition_penalty"],
+                num_beams=s["num_beams"])
+
+
+def settings_from_controls(mode=BEAM, temperature=None, top_p=None, max_new_tokens=None, min_new_tokens=None,
+                           length_penalty=None, repetition_penalty=None, num_beams=None) -> dict:
+    """Decoding settings for the backend from the panel; out-of-range values are clamped, never an error."""
+    d = DEFAULT_DECODING
+
+    def num(value, default, cast, lo, hi):
+        try:
+            value = cast(value)
+        except (TypeError, ValueError):
+            return default
+        return min(max(value, lo), hi)
+
+    sampling = mode == SAMPLING
+    max_new = num(max_new_tokens, d["max_new_tokens"], int, 1, 1024)
+    return dict(
+        d,
+        do_sample=sampling,
+        temperature=num(temperature, d["temperature"], float, 0.05, 5.0),
+        top_p=num(top_p, d["top_p"], float, 0.01, 1.0),
+        max_new_tokens=max_new,
+        min_new_tokens=num(min_new_tokens, d["min_new_tokens"], int, 0, max_new),
+        length_penalty=num(length_penalty, d["length_penalty"], float, -5.0, 5.0),
+        repetition_penalty=num(repetition_penalty, d["repetition_penalty"], float, 0.5, 5.0),
+        # Sampling streams token by token only with one beam; beam search streams its whole answer at the end.
+        num_beams=1 if sampling else num(num_beams, d["num_beams"], int, 1, 10),
+    )
+
+
+# -- sessions -----------------------------------------------------------------------------------------------------
+def new_session() -> dict:
+    return dict(owner=None, conversation_id=None, image=None, image_hash=None, image_name=None, context=0,
+                turns=[], settings=dict(DEFAULT_DECODING), save_failed=False)
+
+
+def new_owner_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def owner_for(username: str | None, browser_token: str | None) -> tuple[str, str]:
+    """(owner, browser token). Logged-in users are their username; anonymous browsers a random token kept in the
+    browser. The prefixes keep the two namespaces apart, so no token can pose as a user."""
+    token = browser_token if isinstance(browser_token, str) and _OWNER_TOKEN.match(browser_token) else new_owner_token()
+    if username:
+        return f"user:{username}", token
+    return f"anon:{token}", token
+
+
+def turn(role: str, text: str, context: int, **extra) -> dict:
+    """A chat entry. role: user | assistant | note (image changes, errors, notices: shown, never sent to the model)."""
+    return dict(role=role, text=text, context=context, **extra)
+
+
+def chat_messages(session: dict) -> list[dict]:
+    """The Chatbot's value (messages format)."""
+    out = []
+    for t in session["turns"]:
+        if t["role"] == "note":
+            out.append({"role": "assistant", "content": t["text"]})
+        else:
+            text = t["text"]
+            if t.get("status") == "stopped":
+                text = (text + " ⏹ *(stopped)*").strip()
+            out.append({"role": t["role"], "content": text or "…"})
+    return out
+
+
+def model_history(session: dict) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of the current picture's context, for the backend."""
+    pairs, pending = [], None
+    for t in session["turns"]:
+        if t["context"] != session["context"] or t["role"] == "note":
+            continue
+        if t["role"] == "user":
+            pending = t["text"]
+        elif t["role"] == "assistant" and pending is not None:
+            if t["text"]:
+                pairs.append((pending, t["text"]))
+            pending = None
+    return pairs
+
+
+def read_upload(path: str | os.PathLike, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """An uploaded file's bytes, refusing oversized files before reading them."""
+    size = os.path.getsize(path)
+    if size > limit:
+        raise BadImage(f"The file is too large ({size / 2**20:.1f} MiB); the limit is {limit / 2**20:.0f} MiB.")
+    return Path(path).read_bytes()
+
+
+def guess_mime(name: str | None, data: bytes) -> str:
+    magic = {b"\x89PNG": "image/png", b"\xff\xd8": "image/jpeg", b"GIF8": "image/gif", b"RIFF": "image/webp",
+             b"BM": "image/bmp", b"II*\x00": "image/tiff", b"MM\x00*": "image/tiff"}
+    for prefix, mime in magic.items():
+        if data.startswith(prefix):
+            return mime
+    mime = mimetypes.guess_type(name or "")[0] or ""
+    return mime if mime.startswith("image/") else "image/unknown"
+
+
+class ChatApp:
+    """The handlers. ``backend`` is an :class:`app.backend.Backend`, ``store`` a ``ConversationStore`` or None."""
+
+    def __init__(self, backend: Backend, store=None, *, max_image_bytes: int = MAX_IMAGE_BYTES):
+        self.backend = backend
+        self.store = store
+        self.max_image_bytes = max_image_bytes
+
+    # -- persistence, failure-tolerant ---------------------------------------------------------------------------
+    def _save(self, session: dict, method: str, *args, **kwargs):
+        """Call ``store.method(owner, ...)``; on StoreError note it once in the chat and return None."""
+        if self.store is None:
+            return None
+        try:
+            result = getattr(self.store, method)(session["owner"], *args, **kwargs)
+        except NotFound:
+            raise
+        except (StoreError, OSError, ValueError) as exc:  # ValueError: data the store refuses
+            if not session["save_failed"]:
+                reason = "the database is unavailable" if isinstance(exc, StoreUnavailable) else "storage error"
+                session["turns"].append(turn("note", SAVE_FAILED.format(reason=reason), session["context"]))
+            session["save_failed"] = True
+            return None
+        session["save_failed"] = False
+        return result
+
+    def ensure_owner(self, session: dict, username: str | None = None) -> str:
+        if session["owner"] is None or (username and session["owner"] != f"user:{username}"):
+            session["owner"], _ = owner_for(username, None)
+        return session["owner"]
+
+    def _ensure_conversation(self, session: dict, title: str) -> str | None:
+        if session["conversation_id"] is None:
+            session["conversation_id"] = self._save(session, "create_conversation", _title(title),
+                                                    settings=session["settings"])
+        return session["conversation_id"]
+
+    def _add_message(self, session: dict, role: str, text: str, **kwargs):
+        cid = session["conversation_id"]
+        if cid is None:
+            return None
+        try:
+            return self._save(session, "add_message", cid, role, text, **kwargs)
+        except NotFound:  # deleted in another tab: carry on in a fresh conversation
+            session["conversation_id"] = None
+            return None
+
+    # -- pictures ----------------------------------------------------------------------------------------------
+    def set_image(self, session: dict, data: bytes, name: str | None = None) -> bool:
+        """Make ``data`` the current picture: a new visual context, noted in the chat. A bad file only adds a note
+        saying why (the current picture and the conversation stay)."""
+        name = os.path.basename(name or "") or "picture"
+        try:
+            if len(data) > self.max_image_bytes:
+                raise BadImage(f"The file is too large ({len(data) / 2**20:.1f} MiB); "
+                               f"the limit is {self.max_image_bytes / 2**20:.0f} MiB.")
+            self.backend.check_image(data)
+        except BadImage as exc:
+            session["turns"].append(turn("note", f"⚠️ **{name}** could not be used: {exc} "
+                                                 "Nothing else changed; try another file.", session["context"]))
+            return False
+        had_image = session["image"] is not None
+        session["image"], session["image_name"] = data, name
+        session["context"] += 1
+        session["image_hash"] = None
+        session["turns"].append(turn(
+            "note", f"🖼️ **New picture: {name}.** " + ("From here on the model looks at this picture; "
+                                                      "earlier turns are not sent with it." if had_image else
+                                                      "Ask anything about it, or pick a preset."),
+            session["context"], image=True))
+        if self._ensure_conversation(session, f"Picture: {name}"):
+            digest = self._save_image(session, data, name)
+            session["image_hash"] = digest
+            self._add_message(session, "system", session["turns"][-1]["text"], image_hash=digest)
+        return True
+
+    def _save_image(self, session, data, name):
+        try:
+            return self._save(session, "save_image", session["conversation_id"], data, guess_mime(name, data))
+        except NotFound:
+            session["conversation_id"] = None
+            return None
+
+    def set_image_file(self, session: dict, path: str) -> bool:
+        try:
+            data = read_upload(path, self.max_image_bytes)
+        except BadImage as exc:
+            name = os.path.basename(path)
+            session["turns"].append(turn("note", f"⚠️ **{name}** could not be used: {exc}", session["context"]))
+            return False
+        return self.set_image(session, data, os.path.basename(path))
+
+    # -- chatting ----------------------------------------------------------------------------------------------
+    def send(self, session: dict, text: str, settings: dict | None = None) -> Iterator[dict]:
+        """Ask ``text`` about the current picture; yields after every streamed chunk (the reply grows in
+        ``session["turns"][-1]``). Closing the generator (Stop, a client that went away) cancels generation."""
+        text = (text or "").strip()
+        if not text:
+            return
+        if settings is not None:
+            self._remember_settings(session, settings)
+        if session["image"] is None:
+            session["turns"].append(turn("user", text, session["context"]))
+            session["turns"].append(turn("note", "🖼️ Please add a picture first: attach, paste or drop one "
+                                                 "(or click an example).", session["context"]))
+            yield session
+            return
+        history = model_history(session)
+        first_question = not any(t["role"] == "user" for t in session["turns"])
+        self._ensure_conversation(session, text)
+        if first_question and session["conversation_id"] is not None:  # titled by its first question
+            try:
+                self._save(session, "rename_conversation", session["conversation_id"], _title(text))
+            except NotFound:
+                session["conversation_id"] = None
+        session["turns"].append(turn("user", text, session["context"]))
+        self._add_message(session, "user", text)
+        yield from self._reply(session, history, text)
+
+    def _reply(self, session: dict, history, text: str) -> Iterator[dict]:
+        reply = turn("assistant", "", session["context"], status="streaming")
+        session["turns"].append(reply)
+        message_id = self._add_message(session, "assistant", "", status="streaming")
+        yield session
+        stream, chunks, status, error = None, None, "stopped", None
+        t0 = time.perf_counter()
+        try:
+            stream = self.backend.chat(session["image"], history, text, dict(session["settings"]))
+            chunks = iter(stream)
+            for chunk in chunks:
+                reply["text"] += chunk
+                yield session
+            status = "done"
+        except BadImage as exc:
+            status, error = "error", str(exc)
+            reply["text"] = f"⚠️ The picture could not be read: {exc}"
+        except (ValueError, TypeError) as exc:  # invalid decoding settings, prompt that cannot fit
+            status, error = "error", str(exc)
+            reply["text"] = f"⚠️ {exc}"
+        except Exception as exc:  # noqa: BLE001 - one failed reply must not take the chat down
+            status, error = "error", f"{type(exc).__name__}: {exc}"
+            reply["text"] = f"⚠️ The model failed: {error}"
+        finally:
+            # Runs on Stop and on client disconnect too (Gradio closes the generator): stop the model first.
+            if stream is not None:
+                stream.cancel()
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()
+            self._finish(session, reply, message_id, stream, status, error, time.perf_counter() - t0)
+        if reply.get("notice"):
+            yield session
+
+    def _finish(self, session, reply, message_id, stream, status, error, seconds):
+        stats = getattr(stream, "reply", None) if stream is not None else None
+        if stats is not None and stats.cancelled and status == "done":
+            status = "stopped"
+        reply["status"] = status
+        if stats is not None and stats.notice:
+            reply["notice"] = stats.notice
+            session["turns"].append(turn("note", f"ℹ️ {stats.notice}", session["context"]))
+        if message_id is None or self.store is None:
+            return
+        try:
+            self._save(session, "update_message", message_id, text=reply["text"], status=status, error=error)
+            if stats is not None:
+                card = self.backend.card
+                self._save(session, "record_generation", message_id, model=card.source, precision=card.precision,
+                           device=card.device, settings=dict(session["settings"]),
+                           prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens,
+                           latency_s=stats.seconds or seconds, first_token_s=stats.first_token_seconds)
+        except NotFound:
+            session["conversation_id"] = None
+
+    def regenerate(self, session: dict, settings: dict | None = None) -> Iterator[dict]:
+        """Answer the last question again (with the current settings)."""
+        last = _last_user_index(session)
+        if last is None or session["turns"][last]["context"] != session["context"] or session["image"] is None:
+            session["turns"].append(turn("note", "Nothing to regenerate yet.", session["context"]))
+            yield session
+            return
+        text = session["turns"][last]["text"]
+        self.undo(session)
+        yield from self.send(session, text, settings)
+
+    def undo(self, session: dict) -> bool:
+        """Remove the last question and everything after it, here and in the history (as the store's
+        ``delete_last_turn`` does). Only within the current picture: a picture change is never undone."""
+        last = _last_user_index(session)
+        if last is None or session["turns"][last]["context"] != session["context"]:
+            return False
+        del session["turns"][last:]
+        if session["conversation_id"] is not None:
+            try:
+                self._save(session, "delete_last_turn", session["conversation_id"])
+            except NotFound:
+                session["conversation_id"] = None
+        return True
+
+    def _remember_settings(self, session: dict, settings: dict) -> None:
+        if settings == session["settings"]:
+            return
+        session["settings"] = dict(settings)
+        if session["conversation_id"] is not None:
+            try:
+                self._save(session, "update_settings", session["conversation_id"], dict(settings))
+            except NotFound:
+                session["conversation_id"] = None
+
+    # -- conversations -----------------------------------------------------------------------------------------
+    def new_conversation(self, session: dict) -> None:
+        owner, settings = session["owner"], session["settings"]
+        session.clear()
+        session.update(new_session(), owner=owner, settings=settings)
+
+    def conversation_rows(self, session: dict) -> list:
+        """The owner's conversation summaries, newest first; [] when the store is unavailable."""
+        if self.store is None or session["owner"] is None:
+            return []
+        try:
+            rows = self._save(session, "list_conversations") or []
+        except NotFound:
+            return []
+        return sorted(rows, key=lambda r: r.updated_at or r.created_at, reverse=True)
+
+    def conversations(self, session: dict) -> list[tuple[str, str]]:
+        """(label, id) pairs for the sidebar."""
+        return [(f"{r.title} ({r.message_count})", r.id) for r in self.conversation_rows(session)]
+
+    def open_conversation(self, session: dict, conversation_id: str) -> None:
+        """Resume: picture, turns and settings restored. Unknown or someone else's id -> UserError."""
+        if self.store is None or not conversation_id:
+            raise UserError("There is no saved history.")
+        try:
+            view = self.store.get_conversation(session["owner"], conversation_id)
+        except NotFound:
+            raise UserError("That conversation does not exist (or was deleted).") from None
+        except StoreError:
+            raise UserError("History is unavailable right now (the database cannot be reached).") from None
+        turns, context, image_hash = [], 0, None
+        for m in view.messages:
+            if m.image_hash:
+                context += 1
+                image_hash = m.image_hash
+                turns.append(turn("note", m.text or "🖼️ Picture", context, image=True))
+            elif m.role == "system":
+                turns.append(turn("note", m.text, context))
+            elif m.role in ("user", "assistant"):
+                text = m.text if m.status != "error" else (m.text or f"⚠️ {m.error}")
+                turns.append(turn(m.role, text, context, status=m.status))
+        image_hash = image_hash or view.image_hash
+        image = None
+        if image_hash:
+            try:
+                image = self.store.image_bytes(session["owner"], image_hash)
+            except StoreError:
+                turns.append(turn("note", "⚠️ The picture of this conversation could not be loaded.", context))
+        settings = {**DEFAULT_DECODING, **(view.settings or {})}
+        owner = session["owner"]
+        session.clear()
+        session.update(new_session(), owner=owner, conversation_id=view.id, image=image, image_hash=image_hash,
+                       image_name="picture", context=context, turns=turns, settings=settings)
+
+    def rename(self, session: dict, conversation_id: str, title: str) -> None:
+        title = _title(title)
+        if not conversation_id or not title:
+            raise UserError("Pick a conversation and type a new title.")
+        self._owned(self.store.rename_conversation, session, conversation_id, title)
+
+    def delete(self, session: dict, conversation_id: str) -> None:
+        if not conversation_id:
+            raise UserError("Pick a conversation to delete.")
+        self._owned(self.store.delete_conversation, session, conversation_id)
+        if session["conversation_id"] == conversation_id:
+            self.new_conversation(session)
+
+    def export(self, session: dict, conversation_id: str, folder: str | None = None) -> list[str]:
+        """Write the conversation as JSON and Markdown files; returns their paths."""
+        if not conversation_id:
+            raise UserError("Pick a conversation to export.")
+        data = self._owned(self.store.export_json, session, conversation_id)
+        markdown = self._owned(self.store.export_markdown, session, conversation_id)
+        folder = Path(folder or tempfile.mkdtemp(prefix="blip2-export-"))
+        stem = "conversation-" + re.sub(r"[^A-Za-z0-9_-]", "", str(conversation_id))[:16]
+        json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
+        json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        md_path.write_text(markdown)
+        return [str(json_path), str(md_path)]
+
+    def _owned(self, method, session, conversation_id, *args):
+        if self.store is None:
+            raise UserError("There is no saved history.")
+        try:
+            return method(session["owner"], conversation_id, *args)
+        except NotFound:
+            raise UserError("That conversation does not exist (or was deleted).") from None
+        except StoreError:
+            raise UserError("History is unavailable right now (the database cannot be reached).") from None
+
+    # -- one-shot API (no history) ------------------------------------------------------------------------------
+    def one_shot(self, data: bytes, question: str | None, settings: dict | None = None) -> Iterator[str]:
+        """Cumulative text of a caption (``question`` None) or an answer; BadImage/ValueError -> UserError."""
+        settings = dict(settings or DEFAULT_DECODING)
+        try:
+            if len(data) > self.max_image_bytes:
+                raise BadImage(f"The file is too large; the limit is {self.max_image_bytes / 2**20:.0f} MiB.")
+            self.backend.check_image(data)
+            stream = (self.backend.caption(data, settings) if question is None
+                      else self.backend.chat(data, [], question, settings))
+        except (BadImage, ValueError) as exc:
+            raise UserError(str(exc)) from None
+        text, chunks = "", iter(stream)
+        try:
+            for chunk in chunks:
+                text += chunk
+                yield text
+        finally:
+            stream.cancel()
+            if hasattr(chunks, "close"):
+                chunks.close()
+
+
+def _last_user_index(session: dict) -> int | None:
+    for i in range(len(session["turns"]) - 1, -1, -1):
+        if session["turns"][i]["role"] == "user":
+            return i
+    return None
+
+
+def _title(text: str) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
