@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from app.backend import BadImage, ModelCard, ReplyStats
-from app.store import ROLES, STATUSES, NotFound, StoreUnavailable
+from app.store import ROLES, STATUSES, ConversationSummary, ConversationView, MessageView, NotFound, StoreUnavailable
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -88,37 +88,6 @@ class _Conversation:
     updated_at: datetime
     image_hash: str | None = None
     messages: list = field(default_factory=list)
-
-
-@dataclass
-class ConversationSummary:
-    id: str
-    title: str
-    created_at: datetime
-    updated_at: datetime
-    message_count: int
-
-
-@dataclass
-class MessageView:
-    id: str
-    role: str
-    text: str
-    status: str
-    error: str | None
-    image_hash: str | None
-    created_at: datetime
-
-
-@dataclass
-class ConversationView:
-    id: str
-    title: str
-    settings: dict | None
-    image_hash: str | None
-    messages: list
-    created_at: datetime
-    updated_at: datetime
 
 
 def _now():
