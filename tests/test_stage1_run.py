@@ -74,6 +74,7 @@ def test_single_process_run_writes_everything(reference):
     assert config["metadata"]["step"] == 12 and model.num_query_tokens == 8
     assert (reference / "stage1" / "tokenizer" / "tokenizer.json").exists()
     assert sorted(p.name for p in (reference / "checkpoints").glob("step_*")) == ["step_00000008", "step_00000012"]
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))  # curves for TensorBoard too
 
 
 def test_two_processes_match_one(tmp_path, cache, reference):
