@@ -255,11 +255,18 @@ class Blip2(nn.Module):
     def generate(self, image, prompt: str | None = None, **decoding) -> str:
         """Text for an image and a prompt. Plain-layout LLMs (OPT, Flan-T5) get the prompt verbatim, exactly as
         ``Blip2ForConditionalGeneration`` would; chat LLMs get it as the user's message."""
-        return self._finish(self.stream(image, prompt, **decoding))
+        return self.generate_reply(image, prompt, **decoding).text
+
+    def generate_reply(self, image, prompt: str | None = None, **decoding) -> Reply:
+        """Like :meth:`generate`, returning the :class:`Reply` (token ids, counts, timings). Runs in the calling
+        thread with no streamer: the plain path for batch jobs and benchmarks."""
+        return self._generate_ids(*self._prepare(image, self._raw(prompt), 0, prompt or "", decoding), None, threading.Event())
 
     def stream(self, image, prompt: str | None = None, **decoding) -> TextStream:
-        render = lambda drop, cut: self.prompt_format.raw(_cut(prompt or "", cut), self.tokenizer)  # noqa: E731
-        return self._start(image, render, 0, prompt or "", decoding)
+        return self._start(image, self._raw(prompt), 0, prompt or "", decoding)
+
+    def _raw(self, prompt: str | None):
+        return lambda drop, cut: self.prompt_format.raw(_cut(prompt or "", cut), self.tokenizer)
 
     def caption(self, image, **decoding) -> str:
         return self.generate(image, self.prompt_format.caption_prompt, **decoding)
@@ -275,31 +282,29 @@ class Blip2(nn.Module):
         def render(drop: int, cut: int) -> Rendered:
             return self.prompt_format.conversation(turns[drop:], _cut(message, cut), self.tokenizer)
 
-        text_stream = self._start(image, render, len(turns), message, decoding)
-        return text_stream if stream else self._finish(text_stream)
+        if stream:
+            return self._start(image, render, len(turns), message, decoding)
+        return self._generate_ids(*self._prepare(image, render, len(turns), message, decoding), None, threading.Event()).text
 
     # -- internals -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _finish(text_stream: TextStream) -> str:
-        for _ in text_stream:
-            pass
-        return text_stream.reply.text
+    def _prepare(self, image, render, num_turns: int, message: str, decoding: dict) -> tuple:
+        """Validate settings and image, encode it (cached), render and fit the prompt: every error surfaces here,
+        in the caller's thread, before any generation starts."""
+        settings = Decoding.from_kwargs(**decoding)
+        t0 = time.perf_counter()
+        digest, queries = self.encode_image(image)
+        ids, dropped, cut = self._fit(render, num_turns, message, settings)
+        return digest, queries, ids, settings, t0, dropped, cut
 
     def _start(self, image, render, num_turns: int, message: str, decoding: dict) -> TextStream:
-        settings = decoding if isinstance(decoding, Decoding) else Decoding.from_kwargs(**decoding)
-        t0 = time.perf_counter()
-        digest, queries = self.encode_image(image)  # errors surface here, in the caller's thread
-        ids, dropped, cut = self._fit(render, num_turns, message, settings)
+        prepared = self._prepare(image, render, num_turns, message, decoding)
+        settings = prepared[3]
         cancel = threading.Event()
         streamer = None
         if settings.num_beams == 1:
             # skip_prompt drops the first chunk generate emits: the prompt (or the decoder start token).
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
-
-        def run() -> Reply:
-            return self._generate_ids(digest, queries, ids, settings, streamer, cancel, t0, dropped, cut)
-
-        return TextStream(run, streamer, cancel)
+        return TextStream(lambda: self._generate_ids(*prepared, streamer, cancel), streamer, cancel)
 
     def _tokenize(self, rendered: Rendered) -> list[int]:
         """Token ids with ``num_query_tokens`` image positions, laid out like ``Blip2Processor`` does."""
@@ -359,7 +364,7 @@ class Blip2(nn.Module):
         return not self.is_encoder_decoder and settings.num_beams == 1
 
     @torch.no_grad()
-    def _generate_ids(self, digest, queries, ids, settings, streamer, cancel, t0, dropped, cut) -> Reply:
+    def _generate_ids(self, digest, queries, ids, settings, t0, dropped, cut, streamer, cancel) -> Reply:
         device = self.llm_input_device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         attention_mask = torch.ones_like(input_ids)

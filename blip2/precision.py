@@ -11,8 +11,8 @@ from .errors import PrecisionError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "nf4")
 
-# Never quantized: the image tower, the Q-Former and the projection are small and sensitive; transformers'
-# `_keep_in_fp32_modules` keeps the Q-Former in fp32 for the same reason.
+# Never quantized: the image tower, the Q-Former and the projection are small and sensitive (transformers'
+# `_keep_in_fp32_modules` marks the Q-Former for fp32 for the same reason; blip2 keeps it fp32 in every precision).
 KEEP_UNQUANTIZED = ["vision_model", "qformer", "language_projection", "query_tokens", "lm_head"]
 
 
@@ -36,9 +36,10 @@ class LoadPlan:
 def resolve(precision: str = "auto", device: str = "auto", *, low_memory: bool = False) -> LoadPlan:
     """Resolve ``precision`` (fp32/bf16/fp16/int8/nf4/auto) and ``device`` (auto/cpu/cuda/cuda:N).
 
-    auto precision: fp16 on a GPU (int8 when ``low_memory``), bf16 on CPU (about 1.5-2x faster than fp32 for the
-    LLM on the CPUs we measured; the Q-Former stays fp32). auto device: every visible GPU through accelerate's
-    device map, else the CPU.
+    auto precision: fp16 on a GPU (int8 when ``low_memory``); on CPU bf16 where the CPU computes bf16 natively
+    (AVX512-BF16 or AMX), else fp32: without those, bf16 matmuls are emulated and measured 1.3x slower to decode
+    and ~5x slower to prefill than fp32 (benchmarks/bench_inference.py, AVX2 EPYC). auto device: every visible GPU
+    through accelerate's device map, else the CPU.
     """
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
@@ -46,7 +47,10 @@ def resolve(precision: str = "auto", device: str = "auto", *, low_memory: bool =
     device = _resolve_device(device or "auto")
     on_gpu = device != "cpu"
     if precision == "auto":
-        precision = ("int8" if low_memory else "fp16") if on_gpu else ("int8" if low_memory else "bf16")
+        if on_gpu:
+            precision = "int8" if low_memory else "fp16"
+        else:
+            precision = "int8" if low_memory else ("bf16" if cpu_has_native_bf16() else "fp32")
     if precision == "fp16" and not on_gpu:
         raise PrecisionError(
             "fp16 needs a CUDA GPU (CPU kernels for half precision are slow or missing). "
@@ -56,6 +60,14 @@ def resolve(precision: str = "auto", device: str = "auto", *, low_memory: bool =
         return _quantized_plan(precision, device, on_gpu)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return LoadPlan(precision, dtype, device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 matmuls in hardware on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _resolve_device(device: str) -> str:

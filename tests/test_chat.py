@@ -144,6 +144,14 @@ def test_bad_image_raises_before_generating(model):
         model.generate(b"not an image", "hi")
 
 
+def test_generate_reply_matches_stream(model):
+    reply = model.generate_reply(image(3), "describe it", **GREEDY)
+    with model.stream(image(3), "describe it", **GREEDY) as s:
+        text = "".join(s)
+    assert reply.token_ids == s.reply.token_ids and reply.text == text.strip()
+    assert reply.prompt_tokens == s.reply.prompt_tokens and reply.first_token_seconds is not None
+
+
 def test_history_accepts_messages_format(model):
     pairs = [("what is it?", "a cat")]
     messages = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a cat"}]

@@ -11,8 +11,10 @@ from blip2.precision import resolve
 from conftest import image
 
 
-def test_auto_on_cpu_is_bf16_and_int8_when_low_memory():
-    assert resolve("auto", "cpu").precision == "bf16"
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_depends_on_native_bf16(monkeypatch, native_bf16, expected):
+    monkeypatch.setattr("blip2.precision.cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve("auto", "cpu").precision == expected
     assert resolve("auto", "cpu", low_memory=True).precision == "int8"
 
 
