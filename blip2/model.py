@@ -33,7 +33,7 @@ from .decoding import Decoding
 from .encoders import ImageEncoder
 from .errors import PromptTooLongError
 from .images import image_digest, load_image
-from .prompts import PromptFormat, Rendered, Turn
+from .prompts import PromptFormat, Rendered, Turn, prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -307,14 +307,7 @@ class Blip2(nn.Module):
         return TextStream(lambda: self._generate_ids(*prepared, streamer, cancel), streamer, cancel)
 
     def _tokenize(self, rendered: Rendered) -> list[int]:
-        """Token ids with ``num_query_tokens`` image positions, laid out like ``Blip2Processor`` does."""
-        tok = self.tokenizer
-        image = [self.image_token_id] * self.num_query_tokens
-        if rendered.has_special_tokens:  # chat templates render their special tokens as text
-            before = tok(rendered.before, add_special_tokens=False)["input_ids"] if rendered.before else []
-            after = tok(rendered.after, add_special_tokens=False)["input_ids"]
-            return before + image + after
-        return image + tok(rendered.after)["input_ids"]
+        return prompt_ids(rendered, self.tokenizer, self.image_token_id, self.num_query_tokens)
 
     def _fit(self, render, num_turns: int, message: str, settings: Decoding) -> tuple[list[int], int, int]:
         """Render and tokenize, dropping the oldest turns, then cutting the message, until prompt + reply fit."""

@@ -90,6 +90,18 @@ class PromptFormat:
         return Rendered(before, after, has_special_tokens=True)
 
 
+def prompt_ids(rendered: Rendered, tokenizer, image_token_id: int, num_query_tokens: int) -> list[int]:
+    """Token ids of a rendered prompt with ``num_query_tokens`` image positions, laid out like ``Blip2Processor``
+    (plain: image first, then the tokenized prompt with its special tokens) or inside the chat (chat layout).
+    Inference and training both build their inputs here, so a model is trained on exactly what it is served."""
+    image = [image_token_id] * num_query_tokens
+    if rendered.has_special_tokens:  # chat templates render their special tokens as text
+        before = tokenizer(rendered.before, add_special_tokens=False)["input_ids"] if rendered.before else []
+        after = tokenizer(rendered.after, add_special_tokens=False)["input_ids"]
+        return before + image + after
+    return image + tokenizer(rendered.after)["input_ids"]
+
+
 def _clean(text: str) -> str:
     return str(text).replace(IMAGE_SLOT, "").strip()
 

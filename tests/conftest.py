@@ -122,6 +122,20 @@ def build_tiny_llm(folder, seed: int = 0):
     return folder
 
 
+def build_tiny_text_llm(folder, kind: str, seed: int = 0):
+    """A tiny stand-alone LLM folder: 'opt' (OPTForCausalLM), 't5' (T5ForConditionalGeneration) or 'chat' (Llama)."""
+    from transformers import LlamaForCausalLM, OPTForCausalLM, T5ForConditionalGeneration
+
+    tokenizer = make_tokenizer(kind)
+    torch.manual_seed(seed)
+    cls = {"opt": OPTForCausalLM, "t5": T5ForConditionalGeneration, "chat": LlamaForCausalLM}[kind]
+    model = cls(_text_config(kind, tokenizer))
+    _spread(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def opt_checkpoint(tmp_path_factory):
     return build_official(tmp_path_factory.mktemp("blip2-opt"), "opt")

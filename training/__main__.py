@@ -1,8 +1,10 @@
-"""``python -m training <command>``: stage1 | eval-retrieval.
+"""``python -m training <command>``: stage1 | stage2 | finetune | eval | eval-retrieval.
 
     python -m training stage1 --config training/configs/stage1_tiny.yaml [key=value ...] [--resume]
-    accelerate launch --num_processes 2 --cpu -m training stage1 --config ...
-    python -m training eval-retrieval --checkpoint runs/stage1/stage1 --data tuxpaint:test
+    python -m training stage2 --config training/configs/stage2_tiny.yaml init_from=runs/stage1_tiny/stage1
+    python -m training finetune --task vqa --config ... init_from=runs/stage2/checkpoint
+    python -m training eval --task vqa --checkpoint runs/vqa/checkpoint --data easyvqa:test
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m training stage1 --config ...
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ def main(argv=None) -> int:
     s1.add_argument("--config", help="YAML config (see training/configs/)")
     s1.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
     s1.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 output_dir=runs/x")
+    s2 = sub.add_parser("stage2", help="generative pre-training: soft visual prompts into a frozen LLM")
+    ft = sub.add_parser("finetune", help="fine-tune: caption | vqa (stage-2 engine) or retrieval (stage-1 objectives)")
+    ft.add_argument("--task", required=True, choices=("caption", "vqa", "retrieval"))
+    for p in (s2, ft):
+        p.add_argument("--config", help="YAML config (see training/configs/)")
+        p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. init_from=DIR output_dir=runs/x")
+    eva = sub.add_parser("eval", help="evaluate a checkpoint: caption (BLEU-4, CIDEr) | vqa (VQA accuracy) | retrieval")
+    eva.add_argument("--task", required=True, choices=("caption", "vqa", "retrieval"))
+    eva.add_argument("--checkpoint", required=True, help="blip2 checkpoint (caption, vqa) or stage-1 folder (retrieval)")
+    eva.add_argument("--data", required=True, help="easyvqa:test | scenes:N[:SEED] | tuxpaint:test | manifest path")
+    eva.add_argument("--output", help="folder for the results JSON (default: next to the checkpoint)")
+    eva.add_argument("--limit", type=int, help="evaluate only the first N examples (smoke runs)")
+    eva.add_argument("--protocol", choices=("paper", "greedy"), default="paper",
+                     help="decoding: the paper's (VQA: beam 5, length penalty -1; captions: beam 5) or greedy")
+    eva.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranks the ITC top k")
+    eva.add_argument("--batch-size", type=int, default=64)
     ev = sub.add_parser("eval-retrieval", help="image<->text retrieval: ITC ranking, then ITM re-ranking of the top k")
     ev.add_argument("--checkpoint", required=True, help="stage-1 checkpoint folder")
     ev.add_argument("--data", required=True, help="scenes:N[:SEED] | tuxpaint:test | easyvqa:test | manifest path")
@@ -35,6 +54,25 @@ def main(argv=None) -> int:
             from .stage1 import DEFAULTS, run
 
             run(load_config(args.config, args.overrides, DEFAULTS), resume=args.resume)
+        elif args.command == "stage2" or (args.command == "finetune" and args.task != "retrieval"):
+            from .stage2 import DEFAULTS, run
+
+            cfg = load_config(args.config, args.overrides, DEFAULTS)
+            if args.command == "finetune":
+                cfg["task"] = args.task
+            run(cfg, resume=args.resume)
+        elif args.command == "finetune":  # retrieval: the stage-1 objectives from a stage-1 Q-Former
+            from .stage1 import DEFAULTS, run
+
+            cfg = load_config(args.config, args.overrides, DEFAULTS)
+            if cfg["qformer"]["init"] != "checkpoint":
+                raise ConfigError("finetune --task retrieval starts from a stage-1 Q-Former: set "
+                                  "qformer.init=checkpoint qformer.checkpoint=<stage-1 folder>.")
+            run(cfg, resume=args.resume)
+        elif args.command == "eval" and args.task != "retrieval":
+            from .evaluate import evaluate_cli
+
+            evaluate_cli(args)
         else:
             from .retrieval import evaluate_cli
 

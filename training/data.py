@@ -755,6 +755,7 @@ def collate_pairs(batch: Sequence[dict | Skipped | None], encoder=None) -> dict:
         "texts": [it["text"] for it in items],
         "ids": [it["id"] for it in items],
         "sources": [it.get("source", "") for it in items],
+        "qa": [[list(pair) for pair in it.get("qa") or []] for it in items],  # kept for VQA (cached with features)
         "skipped": skipped,
     }
     if encoder is None:

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .data import collate_pairs
 
-__all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "collate_features"]
+__all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "cached_dataset", "collate_features"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: items keep their question/answer pairs ("qa")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -144,8 +144,11 @@ class FeatureCache:
                         if pending_rows >= shard_rows:
                             flush()
                         pending.append(feats[j:j + 1])
-                        items.append({"id": batch["ids"][row], "text": batch["texts"][row],
-                                      "source": batch["sources"][row], "shard": len(shards), "row": pending_rows})
+                        item = {"id": batch["ids"][row], "text": batch["texts"][row],
+                                "source": batch["sources"][row], "shard": len(shards), "row": pending_rows}
+                        if batch.get("qa") and batch["qa"][row]:
+                            item["qa"] = batch["qa"][row]  # question/answer pairs for VQA training
+                        items.append(item)
                         pending_rows += 1
                     bar.update(len(keep))
                     bar.set_postfix(img_s=f"{len(items) / max(1e-9, time.perf_counter() - start):.1f}",
@@ -226,7 +229,7 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         it = self.items[index]
         return {"image_embeds": self._tensor(it["shard"], it["row"]), "text": it["text"], "id": it["id"],
-                "source": it.get("source", "")}
+                "source": it.get("source", ""), "qa": it.get("qa", [])}
 
     def features(self, id_: str) -> torch.Tensor:
         return self[self.by_id[id_]]["image_embeds"]
@@ -240,3 +243,16 @@ def collate_features(batch) -> dict:
     """``{"image_embeds": (B, N, D), "texts": [...], "ids": [...]}`` for a DataLoader over CachedFeatureDataset."""
     return {"image_embeds": torch.stack([b["image_embeds"] for b in batch]),
             "texts": [b["text"] for b in batch], "ids": [b["id"] for b in batch]}
+
+
+def cached_dataset(dataset, encoder, data_cfg: dict, default_dir, accelerator) -> tuple[CachedFeatureDataset, dict]:
+    """The training runs' cache step: the main process builds the cache of ``dataset`` (keyed by the encoder and the
+    config's data sources) unless a complete one exists, the others wait; returns the cached dataset and what the
+    build skipped (by reason)."""
+    cache = FeatureCache.for_encoder(data_cfg["cache_dir"] or default_dir, encoder,
+                                     tag=json.dumps(data_cfg["sources"], sort_keys=True))
+    skipped: dict = {}
+    if accelerator.is_main_process and not cache.is_complete():
+        skipped = cache.build(dataset, encoder, dtype=getattr(torch, data_cfg["feature_dtype"])).get("skipped", {})
+    accelerator.wait_for_everyone()
+    return CachedFeatureDataset(cache), skipped

@@ -28,7 +28,7 @@ from blip2.llm import local_source
 from . import data as datasets
 from .config import ConfigError, dump_config
 from .engine import LoopConfig, fit, make_accelerator
-from .features import CachedFeatureDataset, FeatureCache, collate_features
+from .features import cached_dataset, collate_features
 from .qformer import Stage1QFormer
 
 logger = logging.getLogger(__name__)
@@ -264,13 +264,8 @@ def run(cfg: dict, resume: bool = False) -> dict:
     skipped: Counter = Counter(getattr(dataset, "skipped", {}))
 
     if d["cache_features"]:
-        cache = FeatureCache.for_encoder(d["cache_dir"] or output_dir / "features", encoder,
-                                         tag=json.dumps(d["sources"], sort_keys=True))
-        if accelerator.is_main_process and not cache.is_complete():
-            stats = cache.build(dataset, encoder, dtype=getattr(torch, d["feature_dtype"]))
-            skipped.update(stats.get("skipped", {}))
-        accelerator.wait_for_everyone()
-        train_set = CachedFeatureDataset(cache)
+        train_set, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
+        skipped.update(build_skipped)
 
         def collate(batch):
             out = collate_features(batch)

@@ -1,0 +1,181 @@
+"""Stage 2 / generative fine-tuning: the training inputs equal what blip2 serves, the loss is transformers' own LM
+loss on the target tokens only, prefix LM for encoder-decoders, and tiny runs for OPT-, T5- and Llama-like LLMs
+whose checkpoints blip2.load opens."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel
+from torch import nn
+
+from blip2.loading import placeholder_token_id
+from blip2.prompts import default_format, prompt_ids
+from conftest import build_tiny_text_llm
+from training.stage2 import Stage2Model, TextBuilder, prefix_split
+
+ROOT = Path(__file__).resolve().parent.parent
+Q = 4
+
+
+@pytest.fixture(scope="module", params=["opt", "t5", "chat"])
+def llm(request, tmp_path_factory):
+    folder = build_tiny_text_llm(tmp_path_factory.mktemp(f"llm-{request.param}"), request.param)
+    cls = AutoModelForSeq2SeqLM if request.param == "t5" else AutoModelForCausalLM
+    return request.param, folder, cls.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def family(kind):
+    return {"opt": "decoder", "t5": "encoder-decoder", "chat": "chat"}[kind]
+
+
+def builder_for(kind, tokenizer, max_target_tokens=16):
+    return TextBuilder(tokenizer, default_format(family(kind)), placeholder_token_id(tokenizer), Q,
+                       kind == "t5", max_target_tokens)
+
+
+def test_training_prompt_is_what_blip2_serves(llm):
+    kind, _, _, tok = llm
+    b = builder_for(kind, tok)
+    fmt = default_format(family(kind))
+    served = prompt_ids(fmt.conversation([], "what color is it?", tok), tok, b.image_token_id, Q)  # Blip2.ask
+    ex = b.example("vqa", "what color is it?", "red")
+    if kind == "t5":
+        assert ex["input_ids"] == served
+        assert ex["labels"] == tok("red")["input_ids"] and ex["labels"][-1] == tok.eos_token_id
+        return
+    n = len(served)
+    assert ex["input_ids"][:n] == served  # the served prompt, then the answer
+    target = ex["input_ids"][n:]
+    assert ex["labels"] == [-100] * n + target  # loss on the answer and eos only
+    assert target[-1] == tok.eos_token_id
+    text = tok.decode(target[:-1])
+    assert text == (" red" if kind == "opt" else "red")  # plain prompts continue after a space
+
+
+def test_long_targets_are_cut_but_still_end(llm):
+    kind, _, _, tok = llm
+    ex = builder_for(kind, tok, max_target_tokens=3).example("caption", "", "a very long caption " * 10)
+    labels = [t for t in ex["labels"] if t != -100]
+    assert len(labels) == 3 and labels[-1] == tok.eos_token_id
+
+
+def tiny_model(lm, tok, seed=0):
+    torch.manual_seed(seed)
+    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                encoder_hidden_size=8, cross_attention_frequency=1)
+    query_tokens = nn.Parameter(torch.randn(1, Q, 16))
+    return Stage2Model(query_tokens, Blip2QFormerModel(config), lm, placeholder_token_id(tok)).eval()  # no dropout
+
+
+def test_loss_is_transformers_lm_loss_on_targets_only(llm):
+    kind, _, lm, tok = llm
+    model = tiny_model(lm, tok)
+    b = builder_for(kind, tok)
+    batch = b.collate([b.example("vqa", "is it round?", "yes"), b.example("vqa", "what shape is in the image?", "a big circle")])
+    image = torch.randn(2, 5, 8)
+    loss_sum, count = model(image, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    # Reference: the same embeddings through transformers with its own labels-based loss (mean over labelled tokens).
+    embeds = lm.get_input_embeddings()(batch["input_ids"])
+    embeds = embeds.masked_scatter((batch["input_ids"] == model.image_token_id)[..., None], model.soft_prompt(image))
+    reference = lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(loss_sum / count) == pytest.approx(float(reference), rel=1e-5)
+    expected = sum(len([t for t in r if t != -100]) for r in batch["labels"].tolist())
+    assert int(count) == expected
+
+
+def test_padding_and_prompt_do_not_reach_the_loss(llm):
+    kind, _, lm, tok = llm
+    if kind == "t5":
+        pytest.skip("encoder-decoder: prompt tokens are encoder input, never labels")
+    model = tiny_model(lm, tok)
+    b = builder_for(kind, tok)
+    short = b.collate([b.example("vqa", "is it round?", "yes")])
+    padded = b.collate([b.example("vqa", "is it round?", "yes"),
+                        b.example("vqa", "what shape is in the image, would you say?", "a circle")])
+    image = torch.randn(2, 5, 8)
+    one, n1 = model(image[:1], **short)
+    two, _ = model(image[:1], padded["input_ids"][:1], padded["attention_mask"][:1], padded["labels"][:1])
+    assert float(one) == pytest.approx(float(two), rel=1e-5) and int(n1) > 0
+
+
+def test_only_trained_parts_get_gradients(llm):
+    kind, _, lm, tok = llm
+    model = tiny_model(lm, tok)
+    b = builder_for(kind, tok)
+    batch = b.collate([b.example("caption", "", "a red circle")])
+    loss, count = model(torch.randn(1, 5, 8), **batch)
+    (loss / count).backward()
+    assert model.query_tokens.grad is not None and model.language_projection.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.parameters())
+    assert not any(n.startswith("language_model") for n in model.state_dict())  # referenced, never saved
+
+
+def test_prefix_split_is_deterministic_and_covers_the_text():
+    text = "a small red circle on the left"
+    cuts = {prefix_split(text, f"id{i}", seed=0) for i in range(40)}
+    assert len(cuts) > 2  # different samples split at different points
+    for prefix, suffix in cuts:
+        assert prefix and suffix and f"{prefix} {suffix}" == text
+    assert prefix_split(text, "id1", 0) == prefix_split(text, "id1", 0)
+    assert prefix_split("circle", "x", 0) == ("", "circle")
+
+
+# -- tiny runs ------------------------------------------------------------------------------------------------
+def env():
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def train(*args):
+    result = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(folder):
+    with open(Path(folder) / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def stage1_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    cache = tmp_path_factory.getbasetemp() / "stage2-features"
+    train("stage1", "--config", "training/configs/stage1_tiny.yaml", f"output_dir={out}", f"data.cache_dir={cache}")
+    return out / "stage1", cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,task", [("opt", "pretrain"), ("t5", "pretrain"), ("chat", "vqa")])
+def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tmp_path):
+    import blip2
+    from training.data import Scenes
+
+    stage1, cache = stage1_tiny
+    llm = build_tiny_text_llm(tmp_path / "llm", kind)
+    out = tmp_path / "run"
+    command = ["stage2"] if task == "pretrain" else ["finetune", "--task", task]
+    train(*command, "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}", f"llm={llm}",
+          f"output_dir={out}", f"data.cache_dir={cache}", "train.steps=8", "optim.lr=3e-3")
+    curve = losses(out)
+    assert len(curve) == 4 and curve[-1] < curve[0]  # it learns
+    model = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
+    assert not model.info.untrained and model.num_query_tokens == 8
+    text = model.ask(Scenes(1, seed=5)[0]["image"], "How many shapes are there?", max_new_tokens=4)
+    assert isinstance(text, str)
+    if task == "vqa":  # fine-tuning continues from the stage-2 checkpoint it wrote
+        again = tmp_path / "again"
+        train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml",
+              f"init_from={out / 'checkpoint'}", f"llm={llm}", f"output_dir={again}", f"data.cache_dir={cache}",
+              "train.steps=2", "train.log_every=1", "optim.lr=1e-9", "optim.min_lr=1e-9")
+        from safetensors.torch import load_file
+
+        before, after = load_file(out / "checkpoint" / "trained.safetensors"), load_file(again / "checkpoint" / "trained.safetensors")
+        assert before.keys() == after.keys()  # starts from what stage 2 wrote (lr ~0: nothing moved)
+        assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-2) for k in before)

