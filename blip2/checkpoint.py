@@ -14,6 +14,7 @@ vLLM) can load what we trained.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -159,12 +160,22 @@ def export_official(model, folder: str | os.PathLike) -> Path:
             "The official transformers BLIP-2 format only holds an EVA ViT (Blip2VisionModel) image encoder; "
             f"this model uses {model.vision.spec.get('type')}. Save it with save_checkpoint instead."
         )
+    tokenizer = copy.deepcopy(model.tokenizer)
+    image_token_id = model.image_token_id
+    if getattr(tokenizer, "image_token", None) is None:
+        # Blip2Processor marks image positions with an "<image>" token; an LLM trained here used a placeholder id
+        # instead (same input embeddings: the queries replace them), so give the export the token it expects.
+        from transformers import AddedToken
+
+        tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+        tokenizer.image_token = "<image>"
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = Blip2Config(
         vision_config=model.vision.model.config.to_dict(),
         qformer_config=model.qformer.config.to_dict(),
         text_config=model.language_model.config.to_dict(),
         num_query_tokens=model.num_query_tokens,
-        image_token_index=model.image_token_id,
+        image_token_index=image_token_id,
     )
     with torch.device("meta"):
         official = Blip2ForConditionalGeneration(config)
@@ -178,9 +189,11 @@ def export_official(model, folder: str | os.PathLike) -> Path:
     if missing or unexpected:
         raise CheckpointError(f"Export failed: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     official.tie_weights()
+    if image_token_id >= official.get_input_embeddings().weight.shape[0]:
+        official.resize_token_embeddings(image_token_id + 1)  # the new row is never read: queries replace it
     folder = Path(folder)
     official.save_pretrained(folder)
-    processor = Blip2Processor(model.vision.image_processor, model.tokenizer, num_query_tokens=model.num_query_tokens)
+    processor = Blip2Processor(model.vision.image_processor, tokenizer, num_query_tokens=model.num_query_tokens)
     processor.save_pretrained(folder)
     return folder
 

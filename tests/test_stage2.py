@@ -179,3 +179,29 @@ def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tm
         before, after = load_file(out / "checkpoint" / "trained.safetensors"), load_file(again / "checkpoint" / "trained.safetensors")
         assert before.keys() == after.keys()  # starts from what stage 2 wrote (lr ~0: nothing moved)
         assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-2) for k in before)
+
+
+@pytest.mark.slow
+def test_eva_vit_run_is_also_exported_in_the_official_format(opt_checkpoint, tmp_path):
+    """Stage 2 on an official checkpoint's EVA ViT (tiny) with a Q-Former from BERT-style scratch init: the run
+    writes official/ that plain transformers loads, and it generates exactly what blip2 serves."""
+    import blip2
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from conftest import image
+
+    llm = build_tiny_text_llm(tmp_path / "llm", "opt")
+    out = tmp_path / "run"
+    encoder = '{type: eva-vit, source: "%s"}' % opt_checkpoint
+    train("stage2", "--config", "training/configs/stage2_tiny.yaml", "init_from=null", f"encoder={encoder}",
+          "qformer.init=scratch", "qformer.hidden_size=32", "qformer.num_hidden_layers=2", "qformer.num_attention_heads=4",
+          "qformer.intermediate_size=64", "qformer.num_query_tokens=4", f"llm={llm}", f"output_dir={out}",
+          "train.steps=2", "train.log_every=1", "export.dtype=float32")
+    ours = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
+    hf = Blip2ForConditionalGeneration.from_pretrained(out / "official").eval()
+    processor = Blip2Processor.from_pretrained(out / "official")
+    picture = image(3)
+    inputs = processor(images=picture, text="Question: what is it? Answer:", return_tensors="pt")
+    expected = hf.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=1)[0, inputs["input_ids"].shape[1]:]
+    reply = ours.generate_reply(picture, "Question: what is it? Answer:", max_new_tokens=6, no_repeat_ngram_size=0)
+    assert reply.token_ids == expected.tolist()

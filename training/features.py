@@ -30,7 +30,7 @@ from .data import collate_pairs
 
 __all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "cached_dataset", "collate_features"]
 
-FORMAT_VERSION = 2  # 2: items keep their question/answer pairs ("qa")
+FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -72,6 +72,7 @@ DEFAULTS = {
         "cache_dir": None,
         "feature_dtype": "float16",
         "max_target_tokens": 32,
+        "with_captions": False,  # vqa: also train on the captions (keeps the model's captioning while it learns VQA)
     },
     "optim": dict(STAGE1_DEFAULTS["optim"]),
     "train": dict(STAGE1_DEFAULTS["train"]),
@@ -146,29 +147,34 @@ def prefix_split(text: str, key: str, seed: int) -> tuple[str, str]:
 class Examples(Dataset):
     """Cached image features paired with (prompt, target) texts for one task. VQA expands each image's ``qa``."""
 
-    def __init__(self, features, task: str, caption_prompt: str, prefix_lm: bool, seed: int):
+    def __init__(self, features, task: str, caption_prompt: str, prefix_lm: bool, seed: int,
+                 with_captions: bool = False):
         self.features, self.task = features, task
-        self.rows: list[tuple[int, str, str, str]] = []  # (feature index, prompt, target, id)
+        self.rows: list[tuple[int, str, str, str, str]] = []  # (feature index, kind, prompt, target, id)
         for index, item in enumerate(features.items):
             if task == "vqa":
                 for n, (question, answer) in enumerate(item.get("qa") or []):
-                    self.rows.append((index, question, answer, f"{item['id']}#q{n}"))
-            elif prefix_lm:
+                    self.rows.append((index, "vqa", question, answer, f"{item['id']}#q{n}"))
+            if task == "vqa" and not with_captions:
+                continue
+            if prefix_lm:
                 prefix, suffix = prefix_split(item["text"], item["id"], seed)
-                self.rows.append((index, prefix, suffix, item["id"]))
+                self.rows.append((index, "caption", prefix, suffix, item["id"]))
             else:
-                self.rows.append((index, caption_prompt, item["text"], item["id"]))
+                self.rows.append((index, "caption", caption_prompt, item["text"], item["id"]))
+        if task == "vqa" and not any(row[1] == "vqa" for row in self.rows):
+            raise ConfigError("No question/answer pairs in the data: use easyvqa or scenes sources (a feature cache "
+                              "built by an older version lacks them: delete it to rebuild).")
         if not self.rows:
-            hint = " (no question/answer pairs: use easyvqa or scenes sources)" if task == "vqa" else ""
-            raise ConfigError(f"No {task} training examples in the data{hint}.")
+            raise ConfigError(f"No {task} training examples in the data.")
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        feature_index, prompt, target, id_ = self.rows[index]
+        feature_index, kind, prompt, target, id_ = self.rows[index]
         item = self.features[feature_index]
-        return {"image_embeds": item["image_embeds"], "prompt": prompt, "target": target, "id": id_}
+        return {"image_embeds": item["image_embeds"], "kind": kind, "prompt": prompt, "target": target, "id": id_}
 
 
 # -- model -----------------------------------------------------------------------------------------------------
@@ -214,8 +220,13 @@ class Stage2Model(nn.Module):
             out = self.language_model(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels)
             logits, targets = out.logits, labels
         else:
-            logits = self.language_model(inputs_embeds=inputs, attention_mask=attention_mask).logits[:, :-1]
+            # The LM head only where there is a target: a 49k-word vocabulary over every prompt position would cost
+            # a quarter of the step and is thrown away.
+            hidden = self.language_model.base_model(inputs_embeds=inputs, attention_mask=attention_mask).last_hidden_state
             targets = labels[:, 1:]
+            keep = targets != -100
+            logits = self.language_model.get_output_embeddings()(hidden[:, :-1][keep])
+            targets = targets[keep]
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         return loss_sum, (targets != -100).sum()
@@ -281,6 +292,16 @@ def load_frozen_llm(source: str, dtype: str):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+def export_official_copy(output_dir: Path) -> Path:
+    """With the EVA ViT, also write the official transformers format (``output_dir/official``), loadable by plain
+    ``Blip2ForConditionalGeneration.from_pretrained`` (and vLLM) without blip2."""
+    import blip2
+    from blip2.checkpoint import export_official
+
+    model = blip2.load(str(output_dir / EXPORT_DIR), precision="fp32", device="cpu")
+    return export_official(model, output_dir / "official")
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 def run(cfg: dict, resume: bool = False) -> dict:
     task = cfg["task"]
@@ -313,13 +334,12 @@ def run(cfg: dict, resume: bool = False) -> dict:
     caption_prompt = prompt_format.caption_prompt
     if task == "caption" and prompt_format.style == "plain":
         caption_prompt = CAPTION_PROMPT_PLAIN
-    train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"])
+    train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
     builder = TextBuilder(tokenizer, prompt_format, image_token_id, model.query_tokens.shape[1],
                           model.is_encoder_decoder, d["max_target_tokens"])
-    render_task = "vqa" if task == "vqa" else "caption"
 
     def collate(batch):
-        out = builder.collate([builder.example(render_task, b["prompt"], b["target"]) for b in batch])
+        out = builder.collate([builder.example(b["kind"], b["prompt"], b["target"]) for b in batch])
         out["image_embeds"] = torch.stack([b["image_embeds"] for b in batch]).float()
         return out
 
@@ -345,6 +365,8 @@ def run(cfg: dict, resume: bool = False) -> dict:
             metadata={"task": task, "step": step, "sources": d["sources"], "init": init, "skipped": dict(skipped)},
         )
         save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg["export"]["dtype"]))
+        if encoder_spec.get("type") == "eva-vit" and step == cfg["train"]["steps"]:
+            export_official_copy(output_dir)
 
     last = fit(loop_config(cfg), model, train_set, collate, compute_losses, output_dir, resume=resume,
                on_checkpoint=export, accelerator=accelerator)
