@@ -30,7 +30,8 @@ from .errors import CheckpointError
 CONFIG_NAME = "blip2_config.json"
 WEIGHTS_NAME = "trained.safetensors"
 FORMAT_VERSION = 1
-TRAINED_PREFIXES = ("query_tokens", "qformer.", "language_projection.")
+TRAINED_PREFIXES = ("query_tokens", "qformer.", "language_projection.", "qformer_embeddings.")
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
 
 @dataclass
@@ -46,6 +47,9 @@ class CheckpointConfig:
     image_token_id: int | None = None
     prompt: dict | None = None  # PromptFormat overrides; None = the LLM family's default
     trained: bool = True  # False: random Q-Former/projection (the image is ignored)
+    # Instruction-aware Q-Former: the user's text enters the Q-Former too (its embeddings are trained weights and
+    # its tokenizer is saved in qformer_tokenizer/).
+    qformer_text_input: bool = False
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)  # free-form: training recipe, data, metrics
 
@@ -108,6 +112,11 @@ def save_checkpoint(model, folder: str | os.PathLike, config: CheckpointConfig, 
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if config.qformer_text_input:
+        tokenizer = getattr(model, "qformer_tokenizer", None)
+        if tokenizer is None:
+            raise CheckpointError("An instruction-aware checkpoint needs the model's qformer_tokenizer.")
+        tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR)
     _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
     return folder
 
@@ -155,6 +164,9 @@ def export_official(model, folder: str | os.PathLike) -> Path:
 
     from .encoders import EvaViTEncoder
 
+    if getattr(model, "qformer_embeddings", None) is not None:
+        raise CheckpointError("The official BLIP-2 format has no instruction-aware Q-Former (its text input); "
+                              "keep this model in our checkpoint format.")
     if not isinstance(model.vision, EvaViTEncoder):
         raise CheckpointError(
             "The official transformers BLIP-2 format only holds an EVA ViT (Blip2VisionModel) image encoder; "

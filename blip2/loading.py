@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    QFORMER_TOKENIZER_DIR,
+    TRAINED_PREFIXES,
     CheckpointConfig,
     is_official_checkpoint,
     is_our_checkpoint,
@@ -133,10 +135,11 @@ def _load_official(source: str, plan: LoadPlan) -> Blip2:
 def _load_ours(folder: Path, plan: LoadPlan, label: str) -> Blip2:
     config = CheckpointConfig.read(folder)
     weights = load_trained_weights(folder)
-    return _build_ours(config, weights, plan, label=label)
+    return _build_ours(config, weights, plan, label=label, folder=folder)
 
 
-def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, label: str) -> Blip2:
+def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, label: str,
+                folder: Path | None = None) -> Blip2:
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
     # Validate the cheap parts before loading the (slow) frozen ones.
@@ -155,6 +158,20 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
     query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
     nn.init.normal_(query_tokens, std=qformer_config.initializer_range)
     projection = nn.Linear(qformer_config.hidden_size, language_model.config.hidden_size)
+    text_embeddings, qformer_tokenizer = None, None
+    if config.qformer_text_input:
+        from transformers import AutoTokenizer
+        from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+        if not qformer_config.use_qformer_text_input:
+            raise CheckpointError("qformer_text_input needs a Q-Former config with use_qformer_text_input: true.")
+        tokenizer_dir = Path(folder or ".") / QFORMER_TOKENIZER_DIR
+        try:
+            qformer_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{tokenizer_dir} is missing or broken: an instruction-aware checkpoint needs "
+                                  f"its Q-Former tokenizer ({exc}).") from exc
+        text_embeddings = Blip2TextEmbeddings(qformer_config)
 
     family = family_of(language_model.config, tokenizer)
     prompt_format = PromptFormat.from_dict(config.prompt) if config.prompt else default_format(family)
@@ -168,11 +185,14 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
     model = Blip2(
         vision, query_tokens, qformer, projection, language_model, tokenizer,
         image_token_id=image_token_id, prompt_format=prompt_format, info=info,
+        qformer_embeddings=text_embeddings, qformer_tokenizer=qformer_tokenizer,
     )
     if weights is not None:
         _load_trained(model, weights)
     # Q-Former and queries in fp32 (as transformers keeps them); projection in the LLM's float dtype.
     model.qformer.to(llm_device, torch.float32)
+    if model.qformer_embeddings is not None:
+        model.qformer_embeddings.to(llm_device, torch.float32)
     model.query_tokens.data = model.query_tokens.data.to(llm_device, torch.float32)
     model.language_projection.to(llm_device, plan.dtype)
     model.requires_grad_(False)
@@ -180,7 +200,7 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
 
 
 def _load_trained(model: Blip2, weights: dict) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("query_tokens", "qformer.", "language_projection."))}
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)

@@ -17,6 +17,7 @@ processors and beam search are transformers' own. On top of it this class adds:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -80,6 +81,28 @@ class Reply:
         if self.truncated_message:
             parts.append("your message was cut short")
         return ("The conversation was too long for the model: " + " and ".join(parts) + ".") if parts else None
+
+
+QFORMER_TEXT_TOKENS = 32  # instruction tokens an instruction-aware Q-Former reads
+
+
+def run_qformer(qformer, query_tokens, image_embeds, text_embeddings=None, text=None) -> torch.Tensor:
+    """(B, N, D) image features -> (B, Q, H) query outputs. With ``text_embeddings`` and tokenized ``text``
+    (``input_ids``, ``attention_mask``), the text joins the queries in self-attention (bidirectional, padding
+    hidden), as InstructBLIP's Q-Former does; only the Q query outputs are returned. Training and serving share
+    this function."""
+    queries = query_tokens.expand(image_embeds.shape[0], -1, -1)
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    if text_embeddings is None:
+        return qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                       return_dict=True).last_hidden_state
+    device = queries.device
+    input_ids, text_mask = text["input_ids"].to(device), text["attention_mask"].to(device)
+    hidden = text_embeddings(input_ids=input_ids, query_embeds=queries)  # (B, Q+T, H)
+    mask = torch.cat([torch.ones(queries.shape[:2], dtype=text_mask.dtype, device=device), text_mask], dim=1)
+    out = qformer(query_embeds=hidden, query_length=queries.shape[1], attention_mask=mask,
+                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True)
+    return out.last_hidden_state[:, : queries.shape[1]]
 
 
 class _CancelCriteria(StoppingCriteria):
@@ -166,6 +189,8 @@ class Blip2(nn.Module):
         image_token_id: int,
         prompt_format: PromptFormat,
         info: ModelInfo,
+        qformer_embeddings: nn.Module | None = None,
+        qformer_tokenizer=None,
         query_cache_size: int = 32,
         prefix_cache_size: int = 4,
     ):
@@ -176,6 +201,10 @@ class Blip2(nn.Module):
         self.language_projection = language_projection
         self.language_model = language_model
         self.tokenizer = tokenizer
+        # Instruction-aware Q-Former (paper Fig. 7, VQA fine-tuning): the user's text also enters the Q-Former, so the
+        # queries extract what is asked. None for the official checkpoints and plain BLIP-2.
+        self.qformer_embeddings = qformer_embeddings
+        self.qformer_tokenizer = qformer_tokenizer
         self.image_token_id = image_token_id
         self.prompt_format = prompt_format
         self.info = info
@@ -216,19 +245,21 @@ class Blip2(nn.Module):
             self._prefix_caches.clear()
 
     # -- image -> soft prompt --------------------------------------------------------------------------------
+    @property
+    def instruction_aware(self) -> bool:
+        return self.qformer_embeddings is not None
+
     @torch.no_grad()
-    def query_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, Q, H_llm): the image as soft prompt vectors in the LLM's embedding space."""
+    def query_embeddings(self, pixel_values: torch.Tensor, instruction: str | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, H_llm): the image as soft prompt vectors in the LLM's embedding space. An
+        instruction-aware Q-Former also reads ``instruction`` (the user's text)."""
         pixel_values = pixel_values.to(self.vision.device, self.vision.dtype)
         image_embeds = self.vision(pixel_values)  # (B, N, D)
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = self.qformer(
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-            return_dict=True,
-        ).last_hidden_state  # (B, Q, H_qformer), computed in fp32
+        text = None
+        if self.instruction_aware:
+            text = self.qformer_tokenizer([instruction or ""] * image_embeds.shape[0], padding="longest",
+                                          truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt")
+        query_output = run_qformer(self.qformer, self.query_tokens, image_embeds, self.qformer_embeddings, text)
         # Same casts as transformers: back to the image features' dtype, then the projection's own dtype.
         if query_output.dtype != image_embeds.dtype:
             query_output = query_output.to(image_embeds.dtype)
@@ -236,20 +267,23 @@ class Blip2(nn.Module):
         query_output = query_output.to(weight.device, weight.dtype if weight.is_floating_point() else query_output.dtype)
         return self.language_projection(query_output)
 
-    def encode_image(self, image) -> tuple[str, torch.Tensor]:
-        """Validate an image (path, bytes, PIL, numpy) and return (content digest, (1, Q, H_llm) query embeddings),
-        cached by content so a conversation about one picture runs the towers once."""
+    def encode_image(self, image, instruction: str | None = None) -> tuple[str, torch.Tensor]:
+        """Validate an image (path, bytes, PIL, numpy) and return (cache key, (1, Q, H_llm) query embeddings),
+        cached by content (and, for an instruction-aware Q-Former, by the instruction) so a conversation about one
+        picture runs the towers once."""
         pil = load_image(image)
-        digest = image_digest(pil)
+        key = image_digest(pil)
+        if self.instruction_aware:  # the soft prompt depends on the text too: key caches (and KV prefixes) by both
+            key += ":" + hashlib.sha256((instruction or "").encode()).hexdigest()[:16]
         with self._lock:
-            cached = self._query_cache.get(digest)
+            cached = self._query_cache.get(key)
             if cached is None:
                 pixel_values = self.vision.preprocess([pil])
-                cached = self.query_embeddings(pixel_values).to(self.llm_input_device)
-                self._query_cache.put(digest, cached)
+                cached = self.query_embeddings(pixel_values, instruction).to(self.llm_input_device)
+                self._query_cache.put(key, cached)
             else:
-                self._query_cache.move_to_end(digest)
-        return digest, cached
+                self._query_cache.move_to_end(key)
+        return key, cached
 
     # -- public API ------------------------------------------------------------------------------------------
     def generate(self, image, prompt: str | None = None, **decoding) -> str:
@@ -292,7 +326,7 @@ class Blip2(nn.Module):
         in the caller's thread, before any generation starts."""
         settings = Decoding.from_kwargs(**decoding)
         t0 = time.perf_counter()
-        digest, queries = self.encode_image(image)
+        digest, queries = self.encode_image(image, message if self.instruction_aware else None)
         ids, dropped, cut = self._fit(render, num_turns, message, settings)
         return digest, queries, ids, settings, t0, dropped, cut
 

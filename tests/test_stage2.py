@@ -151,8 +151,32 @@ def stage1_tiny(tmp_path_factory):
     return out / "stage1", cache
 
 
+def test_instruction_aware_qformer_reads_the_text():
+    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+    from blip2.model import run_qformer
+
+    torch.manual_seed(0)
+    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                encoder_hidden_size=8, cross_attention_frequency=1, use_qformer_text_input=True,
+                                vocab_size=50)
+    qformer, embeddings = Blip2QFormerModel(config).eval(), Blip2TextEmbeddings(config)
+    queries, image = torch.randn(1, Q, 16), torch.randn(2, 5, 8)
+    plain = run_qformer(qformer, queries, image)
+    reference = qformer(query_embeds=queries.expand(2, -1, -1), encoder_hidden_states=image).last_hidden_state
+    assert torch.equal(plain, reference)  # no text: exactly the plain BLIP-2 Q-Former pass
+    text = {"input_ids": torch.tensor([[5, 6, 7, 0], [5, 6, 7, 9]]), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    out = run_qformer(qformer, queries, image[:1].expand(2, -1, -1), embeddings, text)
+    assert out.shape == (2, Q, 16)
+    assert not torch.allclose(out[0], out[1])  # another question, other queries
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    assert torch.allclose(run_qformer(qformer, queries, image[:1], embeddings, padded),
+                          run_qformer(qformer, queries, image[:1], embeddings, short), atol=1e-6)  # padding hidden
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,task", [("opt", "pretrain"), ("t5", "pretrain"), ("chat", "vqa")])
+@pytest.mark.parametrize("kind,task", [("opt", "pretrain"), ("t5", "pretrain"), ("chat", "vqa"), ("chat", "vqa-aware")])
 def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tmp_path):
     import blip2
     from training.data import Scenes
@@ -160,19 +184,28 @@ def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tm
     stage1, cache = stage1_tiny
     llm = build_tiny_text_llm(tmp_path / "llm", kind)
     out = tmp_path / "run"
-    command = ["stage2"] if task == "pretrain" else ["finetune", "--task", task]
+    command = ["stage2"] if task == "pretrain" else ["finetune", "--task", "vqa"]
+    aware = "qformer_text_input=true" if task == "vqa-aware" else "qformer_text_input=false"
     train(*command, "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}", f"llm={llm}",
-          f"output_dir={out}", f"data.cache_dir={cache}", "train.steps=8", "optim.lr=3e-3")
+          f"output_dir={out}", f"data.cache_dir={cache}", "train.steps=8", "optim.lr=3e-3", aware)
     curve = losses(out)
     assert len(curve) == 4 and curve[-1] < curve[0]  # it learns
     model = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
     assert not model.info.untrained and model.num_query_tokens == 8
-    text = model.ask(Scenes(1, seed=5)[0]["image"], "How many shapes are there?", max_new_tokens=4)
+    picture = Scenes(1, seed=5)[0]["image"]
+    text = model.ask(picture, "How many shapes are there?", max_new_tokens=4)
     assert isinstance(text, str)
-    if task == "vqa":  # fine-tuning continues from the stage-2 checkpoint it wrote
+    assert model.instruction_aware == (task == "vqa-aware")
+    if task == "vqa-aware":  # the question reaches the queries, and each (image, question) is cached on its own
+        key1, q1 = model.encode_image(picture, "How many shapes are there?")
+        key2, q2 = model.encode_image(picture, "What color is the circle?")
+        assert key1 != key2 and not torch.allclose(q1, q2)
+        assert model.encode_image(picture, "How many shapes are there?")[1] is q1
+        assert (out / "checkpoint" / "qformer_tokenizer" / "tokenizer.json").exists()
+    if task.startswith("vqa"):  # fine-tuning continues from the checkpoint it wrote
         again = tmp_path / "again"
         train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml",
-              f"init_from={out / 'checkpoint'}", f"llm={llm}", f"output_dir={again}", f"data.cache_dir={cache}",
+              f"init_from={out / 'checkpoint'}", f"llm={llm}", f"output_dir={again}", f"data.cache_dir={cache}", aware,
               "train.steps=2", "train.log_every=1", "optim.lr=1e-9", "optim.min_lr=1e-9")
         from safetensors.torch import load_file
 

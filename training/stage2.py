@@ -31,11 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from blip2.checkpoint import CheckpointConfig, is_our_checkpoint, load_trained_weights, save_checkpoint
+from blip2.checkpoint import (QFORMER_TOKENIZER_DIR, CheckpointConfig, is_our_checkpoint, load_trained_weights,
+                              save_checkpoint)
 from blip2.encoders import build_encoder
 from blip2.llm import family_of, local_source
 from blip2.loading import placeholder_token_id
+from blip2.model import QFORMER_TEXT_TOKENS, run_qformer
 from blip2.prompts import PromptFormat, default_format, prompt_ids
 
 from . import data as datasets
@@ -65,6 +68,7 @@ DEFAULTS = {
     "llm_dtype": "bfloat16",  # the frozen LLM's dtype in training (bf16 trains ~2x faster than fp32 on CPU here)
     "tokenizer": STAGE1_DEFAULTS["tokenizer"],  # Q-Former tokenizer for qformer.init=bert|scratch
     "qformer": {k: v for k, v in STAGE1_DEFAULTS["qformer"].items() if k not in ("checkpoint",)},
+    "qformer_text_input": False,  # instruction-aware Q-Former (paper Fig. 7): the prompt's text enters it too
     "prompt": None,  # null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict
     "data": {
         "sources": [{"type": "scenes", "n": 64, "seed": 0}],
@@ -182,10 +186,14 @@ class Stage2Model(nn.Module):
     """Query tokens + Q-Former + projection (trained) in front of a frozen LLM. Names match ``blip2.Blip2`` and
     transformers' ``Blip2ForConditionalGeneration``, so ``blip2.checkpoint.save_checkpoint`` exports it as is."""
 
-    def __init__(self, query_tokens: nn.Parameter, qformer: Blip2QFormerModel, language_model, image_token_id: int):
+    def __init__(self, query_tokens: nn.Parameter, qformer: Blip2QFormerModel, language_model, image_token_id: int,
+                 qformer_embeddings: nn.Module | None = None, qformer_tokenizer=None):
         super().__init__()
         self.query_tokens = query_tokens
         self.qformer = qformer
+        # Instruction-aware Q-Former (paper Fig. 7): the prompt's text also enters the Q-Former.
+        self.qformer_embeddings = qformer_embeddings
+        self.qformer_tokenizer = qformer_tokenizer
         self.language_projection = nn.Linear(qformer.config.hidden_size, language_model.config.hidden_size)
         # Frozen and deliberately *not* a submodule: optimizer, DDP and training checkpoints then hold only the
         # trained parts (the LLM is referenced by the exported checkpoint, never copied).
@@ -198,19 +206,19 @@ class Stage2Model(nn.Module):
         self.language_model.eval()  # frozen: no dropout, ever
         return self
 
-    def soft_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) image features -> (B, Q, H_llm) projected query outputs."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds.to(queries.dtype),
-                           encoder_attention_mask=mask, return_dict=True).last_hidden_state
+    def soft_prompt(self, image_embeds: torch.Tensor, qformer_text: dict | None = None) -> torch.Tensor:
+        """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H_llm)
+        projected query outputs, computed by the serving code's own Q-Former pass."""
+        out = run_qformer(self.qformer, self.query_tokens, image_embeds.to(self.query_tokens.dtype),
+                          self.qformer_embeddings, qformer_text if self.qformer_embeddings is not None else None)
         return self.language_projection(out)
 
-    def forward(self, image_embeds, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token cross-entropy over the labelled target tokens, and their count."""
         embed = self.language_model.get_input_embeddings()
         text = embed(input_ids)
-        queries = self.soft_prompt(image_embeds).to(text.dtype)
+        queries = self.soft_prompt(image_embeds, qformer_text).to(text.dtype)
         positions = input_ids == self.image_token_id
         if int(positions.sum()) != queries.shape[0] * queries.shape[1]:
             raise ValueError("Every example needs exactly num_query_tokens image positions in its input ids.")
@@ -240,31 +248,57 @@ class LMLoss:
         return {"loss": float(self.loss.detach())}
 
 
-def qformer_without_text(config: Blip2QFormerConfig) -> Blip2QFormerConfig:
-    """Stage 2 feeds only queries to the Q-Former: drop stage 1's text-only FFNs (a third of its weights)."""
+def qformer_config_of(config: Blip2QFormerConfig, text: bool) -> Blip2QFormerConfig:
+    """Stage 2 feeds only queries to the Q-Former unless it is instruction-aware: then stage 1's text-only FFNs
+    (a third of its weights) are dropped."""
     data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    data["use_qformer_text_input"] = False
+    data["use_qformer_text_input"] = text
     return Blip2QFormerConfig(**data)
 
 
 def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, dict, dict]:
-    """The model, the encoder spec and metadata about the initialisation, from ``init_from`` or ``qformer.init``."""
-    source = cfg["init_from"]
+    """The model, the encoder spec and metadata about the initialisation, from ``init_from`` or ``qformer.init``.
+
+    ``qformer_text_input: true`` keeps the Q-Former's text embeddings and text FFNs (from stage 1) so the prompt's
+    text enters the Q-Former. Fine-tuning a stage-2 checkpoint that dropped them takes them from the stage-1
+    checkpoint it was trained from (its metadata says which)."""
+    source, aware = cfg["init_from"], cfg["qformer_text_input"]
+    text_tokenizer = None
     if source and is_our_checkpoint(source):  # fine-tuning a blip2 checkpoint
         ck = CheckpointConfig.read(source)
-        qconfig = Blip2QFormerConfig(**{k: v for k, v in ck.qformer.items() if k not in ("model_type", "transformers_version")})
-        model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
-                            Blip2QFormerModel(qconfig), language_model, image_token_id)
-        weights = load_trained_weights(source)
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
         if ck.llm != cfg["llm"]:
             raise ConfigError(f"{source} was trained for LLM {ck.llm!r}, not {cfg['llm']!r}; set llm={ck.llm}.")
+        weights = {k: v.float() for k, v in load_trained_weights(source).items()}
+        qconfig = Blip2QFormerConfig(**{k: v for k, v in ck.qformer.items() if k not in ("model_type", "transformers_version")})
+        embeddings = None
+        if aware and ck.qformer_text_input:
+            from transformers import AutoTokenizer
+
+            text_tokenizer = AutoTokenizer.from_pretrained(Path(source) / QFORMER_TOKENIZER_DIR)
+            embeddings = Blip2TextEmbeddings(qformer_config_of(qconfig, text=True))
+        elif aware:  # add the text parts from the stage-1 checkpoint behind this one
+            stage1_dir = (ck.metadata.get("init") or {}).get("from")
+            if not stage1_dir or not (Path(stage1_dir) / "stage1_config.json").exists():
+                raise ConfigError(f"qformer_text_input needs the Q-Former's text parts; {source} has none and names no "
+                                  "stage-1 checkpoint to take them from. Start from a stage-1 checkpoint instead.")
+            stage1, _ = load_stage1(stage1_dir)
+            text_tokenizer = load_qformer_tokenizer(str(Path(stage1_dir) / "tokenizer"))
+            embeddings = stage1.embeddings
+            text_ffn = {k: v for k, v in stage1.qformer.state_dict().items() if ".intermediate." in k or ".output." in k}
+            weights.update({f"qformer.{k}": v for k, v in text_ffn.items()})
+            weights.update({f"qformer_embeddings.{k}": v for k, v in embeddings.state_dict().items()})
+        qconfig = qformer_config_of(qconfig, text=aware)
+        model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
+                            Blip2QFormerModel(qconfig), language_model, image_token_id, embeddings, text_tokenizer)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
         return model, ck.vision, {"init": "blip2-checkpoint", "from": str(source)}
     if source:  # a stage-1 folder
         stage1, s1config = load_stage1(source)
         encoder_spec, init = s1config["encoder"], {"init": "stage1", "from": str(source)}
+        if aware:
+            text_tokenizer = load_qformer_tokenizer(str(Path(source) / "tokenizer"))
     else:
         tokenizer = load_qformer_tokenizer(cfg["tokenizer"])
         encoder = build_encoder(cfg["encoder"], pretrained=False)
@@ -272,14 +306,17 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
             raise ConfigError("For a stage-1 Q-Former set init_from=<stage-1 folder> instead of qformer.init.")
         stage1 = build_stage1_model({**cfg, "loss": STAGE1_DEFAULTS["loss"]}, tokenizer, encoder.feature_dim)
         encoder_spec, init = cfg["encoder"], {"init": cfg["qformer"]["init"]}
-    qformer = Blip2QFormerModel(qformer_without_text(stage1.config))
+        text_tokenizer = tokenizer if aware else None
+    qformer = Blip2QFormerModel(qformer_config_of(stage1.config, text=aware))
     missing, unexpected = qformer.load_state_dict(stage1.qformer.state_dict(), strict=False)
-    # Only the text FFNs are left behind; anything else would mean a silent random init.
+    # Only the text FFNs may be left behind; anything else would mean a silent random init.
     if missing or any(".intermediate." not in k and ".output." not in k for k in unexpected):
         raise RuntimeError(f"Q-Former transfer failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
     query_tokens = nn.Parameter(stage1.query_tokens.detach().clone())
+    embeddings = stage1.embeddings if aware else None
     torch.manual_seed(cfg["train"]["seed"])
-    return Stage2Model(query_tokens, qformer, language_model, image_token_id), encoder_spec, init
+    return (Stage2Model(query_tokens, qformer, language_model, image_token_id, embeddings, text_tokenizer),
+            encoder_spec, init)
 
 
 def load_frozen_llm(source: str, dtype: str):
@@ -341,6 +378,9 @@ def run(cfg: dict, resume: bool = False) -> dict:
     def collate(batch):
         out = builder.collate([builder.example(b["kind"], b["prompt"], b["target"]) for b in batch])
         out["image_embeds"] = torch.stack([b["image_embeds"] for b in batch]).float()
+        if model.qformer_tokenizer is not None:  # the text the serving code gives the Q-Former: the user's message
+            out["qformer_text"] = dict(model.qformer_tokenizer([b["prompt"] for b in batch], padding="longest",
+                                       truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"))
         return out
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -351,7 +391,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
     def compute_losses(model, batch, micro_step):
         device = accelerator.device
         loss_sum, count = model(batch["image_embeds"].to(device), batch["input_ids"].to(device),
-                                batch["attention_mask"].to(device), batch["labels"].to(device))
+                                batch["attention_mask"].to(device), batch["labels"].to(device), batch.get("qformer_text"))
         # Mean over every target token of the global batch: N processes train exactly like one.
         total = dist.gather(count.reshape(1)).sum().clamp(min=1)
         return LMLoss(loss_sum * dist.world_size() / total)
@@ -362,6 +402,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         config = CheckpointConfig(
             vision=encoder_spec, llm=cfg["llm"], qformer=qconfig, num_query_tokens=unwrapped.query_tokens.shape[1],
             image_token_id=image_token_id, prompt=cfg["prompt"], trained=True,
+            qformer_text_input=unwrapped.qformer_embeddings is not None,
             metadata={"task": task, "step": step, "sources": d["sources"], "init": init, "skipped": dict(skipped)},
         )
         save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg["export"]["dtype"]))
