@@ -50,6 +50,9 @@ class CheckpointConfig:
     # Instruction-aware Q-Former: the user's text enters the Q-Former too (its embeddings are trained weights and
     # its tokenizer is saved in qformer_tokenizer/).
     qformer_text_input: bool = False
+    # The image encoder was fine-tuned too (captioning, paper Table 7): its weights are in trained.safetensors under
+    # "vision." and replace the referenced pretrained ones.
+    vision_trained: bool = False
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)  # free-form: training recipe, data, metrics
 
@@ -91,12 +94,17 @@ def is_official_checkpoint(folder: str | os.PathLike) -> bool:
         return False
 
 
-def trained_state_dict(model) -> dict[str, torch.Tensor]:
+def trained_prefixes(config: CheckpointConfig | None = None) -> tuple[str, ...]:
+    return TRAINED_PREFIXES + (("vision.",) if config is not None and config.vision_trained else ())
+
+
+def trained_state_dict(model, config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
     """The parts training changes, as contiguous CPU tensors."""
+    prefixes = trained_prefixes(config)
     return {
         name: tensor.detach().to("cpu").contiguous()
         for name, tensor in model.state_dict().items()
-        if name.startswith(TRAINED_PREFIXES)
+        if name.startswith(prefixes)
     }
 
 
@@ -108,7 +116,7 @@ def save_checkpoint(model, folder: str | os.PathLike, config: CheckpointConfig, 
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = trained_state_dict(model)
+    tensors = trained_state_dict(model, config)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

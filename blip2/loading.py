@@ -13,11 +13,11 @@ from torch import nn
 
 from .checkpoint import (
     QFORMER_TOKENIZER_DIR,
-    TRAINED_PREFIXES,
     CheckpointConfig,
     is_official_checkpoint,
     is_our_checkpoint,
     load_trained_weights,
+    trained_prefixes,
 )
 from .encoders import EvaViTEncoder, build_encoder
 from .errors import CheckpointError
@@ -188,7 +188,7 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
         qformer_embeddings=text_embeddings, qformer_tokenizer=qformer_tokenizer,
     )
     if weights is not None:
-        _load_trained(model, weights)
+        _load_trained(model, weights, trained_prefixes(config))
     # Q-Former and queries in fp32 (as transformers keeps them); projection in the LLM's float dtype.
     model.qformer.to(llm_device, torch.float32)
     if model.qformer_embeddings is not None:
@@ -199,8 +199,8 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
     return model.eval()
 
 
-def _load_trained(model: Blip2, weights: dict) -> None:
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+def _load_trained(model: Blip2, weights: dict, prefixes: tuple[str, ...]) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
@@ -209,7 +209,7 @@ def _load_trained(model: Blip2, weights: dict) -> None:
             "The trained weights do not match the checkpoint's config (corrupt, or config and weights from different "
             f"runs): missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}."
         )
-    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=False)
 
 
 def placeholder_token_id(tokenizer) -> int:

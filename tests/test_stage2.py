@@ -238,3 +238,49 @@ def test_eva_vit_run_is_also_exported_in_the_official_format(opt_checkpoint, tmp
     expected = hf.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=1)[0, inputs["input_ids"].shape[1]:]
     reply = ours.generate_reply(picture, "Question: what is it? Answer:", max_new_tokens=6, no_repeat_ngram_size=0)
     assert reply.token_ids == expected.tolist()
+
+
+def test_layer_wise_lr_decay():
+    from blip2.encoders import build_encoder
+    from training.engine import LoopConfig, param_groups
+    from training.stage2 import encoder_depth, layer_decay_scale
+
+    encoder = build_encoder({"type": "efficientnet-lite", "variant": "lite0"}, pretrained=False)
+    depth = encoder_depth(encoder)
+    assert depth == 16  # EfficientNet-Lite0's MBConv blocks
+    assert layer_decay_scale("vision.net._conv_stem.weight", depth, 0.5) == 0.5 ** 17
+    assert layer_decay_scale("vision.net._blocks.0.x.weight", depth, 0.5) == 0.5 ** 16
+    assert layer_decay_scale("vision.net._blocks.15.x.weight", depth, 0.5) == 0.5 ** 1
+    assert layer_decay_scale("vision.net._conv_head.weight", depth, 0.5) == 1.0
+    assert layer_decay_scale("vision.model.encoder.layers.3.mlp.fc1.weight", 4, 0.9) == pytest.approx(0.9)
+    model = nn.ModuleDict({"vision": encoder, "proj": nn.Linear(2, 2)})
+    groups = param_groups(model, LoopConfig(steps=1, batch_size=1, lr=1.0, weight_decay=0.1),
+                          lambda n: layer_decay_scale(n, depth, 0.5) if n.startswith("vision.") else 1.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert lr_of[id(model["proj"].weight)] == 1.0 and decay_of[id(model["proj"].bias)] == 0.0
+    assert lr_of[id(encoder.net._conv_stem.weight)] == 0.5 ** 17 and decay_of[id(encoder.net._conv_stem.weight)] == 0.1
+
+
+@pytest.mark.slow
+def test_caption_finetune_with_the_image_encoder_unfrozen(stage1_tiny, tmp_path):
+    import blip2
+    from safetensors.torch import load_file
+
+    from blip2.encoders import build_encoder
+
+    stage1, cache = stage1_tiny
+    llm = build_tiny_text_llm(tmp_path / "llm", "opt")
+    out = tmp_path / "run"
+    train("finetune", "--task", "caption", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}",
+          f"llm={llm}", f"output_dir={out}", "vision_finetune.enabled=true", "vision_finetune.layer_decay=0.8",
+          "data.sources=[{type: scenes, n: 8, seed: 0}]", "train.steps=2", "train.batch_size=4", "train.log_every=1",
+          "export.dtype=float32", "optim.lr=1e-3")
+    weights = load_file(out / "checkpoint" / "trained.safetensors")
+    pretrained = build_encoder({"type": "efficientnet-lite", "variant": "lite0"}).state_dict()
+    head = "vision.net._conv_head.weight"
+    assert head in weights and not torch.equal(weights[head], pretrained["net._conv_head.weight"])  # it trained
+    stats = "vision.net._bn1.running_mean"
+    assert torch.equal(weights[stats], pretrained["net._bn1.running_mean"])  # BatchNorm statistics stay fixed
+    model = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
+    assert torch.equal(model.vision.state_dict()["net._conv_head.weight"], weights[head])  # served with its encoder

@@ -81,6 +81,20 @@ class GlobalBatchSampler(Sampler):
         return 2**62
 
 
+def param_groups(model: torch.nn.Module, cfg: LoopConfig, lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, and a learning rate of ``cfg.lr * lr_scale(name)`` per parameter
+    (e.g. layer-wise decay for a fine-tuned image encoder). The schedule multiplies every group's own rate."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = lr_scale(name) if lr_scale is not None else 1.0
+        decay = cfg.weight_decay if param.dim() >= 2 else 0.0
+        groups.setdefault((scale, decay), []).append(param)
+    return [{"params": params, "lr": cfg.lr * scale, "weight_decay": decay}
+            for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))]
+
+
 def cosine_lr(step: int, cfg: LoopConfig) -> float:
     """Multiplier on cfg.lr: linear warmup, then cosine decay to min_lr at cfg.steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -187,18 +201,13 @@ def fit(
     resume: bool = False,
     on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
     accelerator: Accelerator | None = None,
+    lr_scale: Callable[[str], float] | None = None,
 ) -> dict:
     """Train ``model`` for ``cfg.steps`` optimizer steps; returns the last logged metrics."""
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=tuple(cfg.betas),
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 

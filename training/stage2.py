@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,9 @@ DEFAULTS = {
     "llm_dtype": "bfloat16",  # the frozen LLM's dtype in training (bf16 trains ~2x faster than fp32 on CPU here)
     "tokenizer": STAGE1_DEFAULTS["tokenizer"],  # Q-Former tokenizer for qformer.init=bert|scratch
     "qformer": {k: v for k, v in STAGE1_DEFAULTS["qformer"].items() if k not in ("checkpoint",)},
+    # Fine-tune the image encoder too (captioning, paper Table 7): trains on images (no feature cache), BatchNorm
+    # statistics stay fixed, and layer i of L gets lr * layer_decay ** (L + 1 - i) (layer-wise learning-rate decay).
+    "vision_finetune": {"enabled": False, "layer_decay": 0.9},
     "qformer_text_input": False,  # instruction-aware Q-Former (paper Fig. 7): the prompt's text enters it too
     "prompt": None,  # null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict
     "data": {
@@ -77,6 +81,7 @@ DEFAULTS = {
         "feature_dtype": "float16",
         "max_target_tokens": 32,
         "with_captions": False,  # vqa: also train on the captions (keeps the model's captioning while it learns VQA)
+        "augment": False,  # vision_finetune only: random resized crop + flip (left/right swapped in the text)
     },
     "optim": dict(STAGE1_DEFAULTS["optim"]),
     "train": dict(STAGE1_DEFAULTS["train"]),
@@ -181,6 +186,42 @@ class Examples(Dataset):
         return {"image_embeds": item["image_embeds"], "kind": kind, "prompt": prompt, "target": target, "id": id_}
 
 
+class RawExamples(Dataset):
+    """Images decoded every step (for a fine-tuned image encoder), with the caption task's texts."""
+
+    def __init__(self, dataset, caption_prompt: str):
+        self.dataset, self.caption_prompt = dataset, caption_prompt
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            return item  # a Skipped marker: the collate replaces it
+        return {"image": item["image"], "kind": "caption", "prompt": self.caption_prompt, "target": item["text"],
+                "id": item["id"]}
+
+
+def layer_decay_scale(name: str, num_layers: int, decay: float) -> float:
+    """Layer-wise learning-rate decay for an image encoder parameter (paper Table 7 / BEiT): the stem gets
+    ``decay ** (L + 1)``, block i (0-based) ``decay ** (L - i)``, the head 1."""
+    match = re.search(r"\.(?:layers|layer|_blocks)\.(\d+)\.", name)
+    if match:
+        depth = int(match.group(1)) + 1
+    elif re.search(r"embed|_conv_stem|_bn0\.", name):
+        depth = 0
+    else:
+        depth = num_layers + 1
+    return decay ** (num_layers + 1 - depth)
+
+
+def encoder_depth(encoder) -> int:
+    indices = [int(m.group(1)) for n, _ in encoder.named_parameters()
+               if (m := re.search(r"(?:^|\.)(?:layers|layer|_blocks)\.(\d+)\.", n))]
+    return max(indices) + 1 if indices else 0
+
+
 # -- model -----------------------------------------------------------------------------------------------------
 class Stage2Model(nn.Module):
     """Query tokens + Q-Former + projection (trained) in front of a frozen LLM. Names match ``blip2.Blip2`` and
@@ -213,9 +254,12 @@ class Stage2Model(nn.Module):
                           self.qformer_embeddings, qformer_text if self.qformer_embeddings is not None else None)
         return self.language_projection(out)
 
-    def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed token cross-entropy over the labelled target tokens, and their count."""
+    def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None,
+                pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token cross-entropy over the labelled target tokens, and their count. With a fine-tuned image
+        encoder (``self.vision``) pass ``pixel_values`` instead of cached ``image_embeds``."""
+        if pixel_values is not None:
+            image_embeds = self.vision(pixel_values)
         embed = self.language_model.get_input_embeddings()
         text = embed(input_ids)
         queries = self.soft_prompt(image_embeds, qformer_text).to(text.dtype)
@@ -269,6 +313,8 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
         if ck.llm != cfg["llm"]:
             raise ConfigError(f"{source} was trained for LLM {ck.llm!r}, not {cfg['llm']!r}; set llm={ck.llm}.")
         weights = {k: v.float() for k, v in load_trained_weights(source).items()}
+        vision_state = {k[len("vision."):]: v for k, v in weights.items() if k.startswith("vision.")}
+        weights = {k: v for k, v in weights.items() if not k.startswith("vision.")}
         qconfig = Blip2QFormerConfig(**{k: v for k, v in ck.qformer.items() if k not in ("model_type", "transformers_version")})
         embeddings = None
         if aware and ck.qformer_text_input:
@@ -293,7 +339,7 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        return model, ck.vision, {"init": "blip2-checkpoint", "from": str(source)}
+        return model, ck.vision, {"init": "blip2-checkpoint", "from": str(source), "vision_state": vision_state}
     if source:  # a stage-1 folder
         stage1, s1config = load_stage1(source)
         encoder_spec, init = s1config["encoder"], {"init": "stage1", "from": str(source)}
@@ -317,6 +363,10 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
     torch.manual_seed(cfg["train"]["seed"])
     return (Stage2Model(query_tokens, qformer, language_model, image_token_id, embeddings, text_tokenizer),
             encoder_spec, init)
+
+
+def init_vision_state(folder) -> dict:
+    return {k[len("vision."):]: v.float() for k, v in load_trained_weights(folder).items() if k.startswith("vision.")}
 
 
 def load_frozen_llm(source: str, dtype: str):
@@ -358,40 +408,79 @@ def run(cfg: dict, resume: bool = False) -> dict:
     language_model.to(accelerator.device)
 
     encoder = build_encoder(encoder_spec).freeze()
+    if init.pop("vision_state", None):  # a checkpoint whose image encoder was fine-tuned
+        encoder.load_state_dict(init_vision_state(cfg["init_from"]))
     d = cfg["data"]
-    if not d["cache_features"]:
-        raise ConfigError("Stage 2 trains on cached features (data.cache_features: true); the encoder is frozen.")
+    vision = cfg["vision_finetune"]
     sources = [build_source(s) for s in d["sources"]]
     dataset = sources[0] if len(sources) == 1 else datasets.ConcatPairs(sources)
-    features, skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
-    skipped = Counter(skipped)
-    encoder = None  # features are cached: free the tower
-
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
     if task == "caption" and prompt_format.style == "plain":
         caption_prompt = CAPTION_PROMPT_PLAIN
-    train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
     builder = TextBuilder(tokenizer, prompt_format, image_token_id, model.query_tokens.shape[1],
                           model.is_encoder_decoder, d["max_target_tokens"])
+    skipped: Counter = Counter()
 
-    def collate(batch):
+    def text_batch(batch):
         out = builder.collate([builder.example(b["kind"], b["prompt"], b["target"]) for b in batch])
-        out["image_embeds"] = torch.stack([b["image_embeds"] for b in batch]).float()
         if model.qformer_tokenizer is not None:  # the text the serving code gives the Q-Former: the user's message
             out["qformer_text"] = dict(model.qformer_tokenizer([b["prompt"] for b in batch], padding="longest",
                                        truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"))
         return out
 
+    lr_scale = None
+    if vision["enabled"]:
+        if task != "caption":
+            raise ConfigError("vision_finetune is for the caption task (paper Table 7); VQA and stage 2 keep the "
+                              "image encoder frozen.")
+        # Trainable weights, but BatchNorm statistics and dropout stay as pretrained (eval mode): small batches
+        # would only add noise to them.
+        encoder.requires_grad_(True)
+        for name, param in encoder.named_parameters():
+            param.requires_grad_(not name.startswith("net._fc."))  # the ImageNet classifier is never used
+        model.vision = encoder
+        depth = encoder_depth(encoder)
+        lr_scale = (lambda name: layer_decay_scale(name, depth, vision["layer_decay"])
+                    if name.startswith("vision.") else 1.0)
+        transform = datasets.train_transform(getattr(encoder, "image_size", 224)) if d["augment"] else None
+        train_set = RawExamples(datasets.ConcatPairs([build_source(s, transform) for s in d["sources"]]), caption_prompt)
+
+        def collate(batch):
+            good = [item for item in batch if isinstance(item, dict)]
+            if not good:
+                raise RuntimeError("Every image of a batch failed to load; check the data source.")
+            skipped.update({"broken_image": len(batch) - len(good)} if len(good) < len(batch) else {})
+            batch = [item if isinstance(item, dict) else good[i % len(good)] for i, item in enumerate(batch)]
+            out = text_batch(batch)
+            out["pixel_values"] = encoder.preprocess([b["image"] for b in batch])
+            return out
+        source_count = len(train_set)
+    else:
+        if not d["cache_features"]:
+            raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true).")
+        features, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
+        skipped.update(build_skipped)
+        encoder = None  # features are cached: free the tower
+        train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
+        source_count = len(features)
+
+        def collate(batch):
+            out = text_batch(batch)
+            out["image_embeds"] = torch.stack([b["image_embeds"] for b in batch]).float()
+            return out
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"stage 2 ({task}, {family} LLM {cfg['llm']}): {len(train_set)} examples from {len(features)} "
+    accelerator.print(f"stage 2 ({task}, {family} LLM {cfg['llm']}): {len(train_set)} examples from {source_count} "
                       f"images ({dict(skipped) or 'none'} skipped), {trainable / 1e6:.1f}M trainable parameters, "
                       f"init: {init['init']}")
 
     def compute_losses(model, batch, micro_step):
         device = accelerator.device
-        loss_sum, count = model(batch["image_embeds"].to(device), batch["input_ids"].to(device),
-                                batch["attention_mask"].to(device), batch["labels"].to(device), batch.get("qformer_text"))
+        pixels = batch["pixel_values"].to(device) if "pixel_values" in batch else None
+        embeds = batch["image_embeds"].to(device) if "image_embeds" in batch else None
+        loss_sum, count = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels)
         # Mean over every target token of the global batch: N processes train exactly like one.
         total = dist.gather(count.reshape(1)).sum().clamp(min=1)
         return LMLoss(loss_sum * dist.world_size() / total)
@@ -402,7 +491,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         config = CheckpointConfig(
             vision=encoder_spec, llm=cfg["llm"], qformer=qconfig, num_query_tokens=unwrapped.query_tokens.shape[1],
             image_token_id=image_token_id, prompt=cfg["prompt"], trained=True,
-            qformer_text_input=unwrapped.qformer_embeddings is not None,
+            qformer_text_input=unwrapped.qformer_embeddings is not None, vision_trained=vision["enabled"],
             metadata={"task": task, "step": step, "sources": d["sources"], "init": init, "skipped": dict(skipped)},
         )
         save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg["export"]["dtype"]))
@@ -410,7 +499,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
             export_official_copy(output_dir)
 
     last = fit(loop_config(cfg), model, train_set, collate, compute_losses, output_dir, resume=resume,
-               on_checkpoint=export, accelerator=accelerator)
+               on_checkpoint=export, accelerator=accelerator, lr_scale=lr_scale)
     if accelerator.is_main_process:
         (output_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
     return last
