@@ -284,3 +284,21 @@ def test_caption_finetune_with_the_image_encoder_unfrozen(stage1_tiny, tmp_path)
     assert torch.equal(weights[stats], pretrained["net._bn1.running_mean"])  # BatchNorm statistics stay fixed
     model = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
     assert torch.equal(model.vision.state_dict()["net._conv_head.weight"], weights[head])  # served with its encoder
+
+
+@pytest.mark.slow
+def test_retrieval_finetune_continues_a_stage1_checkpoint(stage1_tiny, tmp_path):
+    from training.stage1 import load_stage1
+
+    stage1, cache = stage1_tiny
+    bad = subprocess.run([sys.executable, "-m", "training", "finetune", "--task", "retrieval", "--config",
+                          "training/configs/stage1_tiny.yaml"], cwd=ROOT, capture_output=True, text=True, env=env())
+    assert bad.returncode == 2 and "qformer.init=checkpoint" in bad.stderr
+    out = tmp_path / "retrieval"
+    train("finetune", "--task", "retrieval", "--config", "training/configs/stage1_tiny.yaml", "qformer.init=checkpoint",
+          f"qformer.checkpoint={stage1}", f"output_dir={out}", f"data.cache_dir={cache}", "train.steps=2",
+          "train.log_every=1", "optim.lr=1e-9", "optim.min_lr=1e-9", "optim.warmup_steps=0")
+    before, _ = load_stage1(stage1)
+    after, _ = load_stage1(out / "stage1")
+    # lr ~0: the fine-tuned Q-Former is the stage-1 one it started from (not a fresh init).
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before.state_dict().values(), after.state_dict().values()))

@@ -1,0 +1,70 @@
+"""Evaluation: the scoring loop on a stand-in model with known answers, and the CLI on tiny trained checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.evaluate import evaluate_captions, evaluate_vqa
+from training.metrics import caption_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Oracle:
+    """Answers right for every other question; captions by a fixed table."""
+
+    def __init__(self, answers, captions=None):
+        self.answers, self.captions, self.calls = answers, captions or {}, []
+
+    def ask(self, image, question, **decoding):
+        self.calls.append(decoding)
+        return self.answers[question]
+
+    def caption(self, image, **decoding):
+        return self.captions[image]
+
+
+def test_vqa_accuracy_and_breakdown():
+    examples = [
+        {"image": "a", "image_id": "a", "question": "q1", "answers": ["yes"]},
+        {"image": "a", "image_id": "a", "question": "q2", "answers": ["circle"]},
+        {"image": "b", "image_id": "b", "question": "q3", "answers": ["red"]},
+        {"image": "b", "image_id": "b", "question": "q4", "answers": ["no"]},
+    ]
+    model = Oracle({"q1": "Yes.", "q2": "a triangle", "q3": "red", "q4": "yes"})
+    result = evaluate_vqa(model, examples, {"num_beams": 5})
+    assert result["accuracy"] == 50.0 and result["count"] == 4  # "Yes." normalises to "yes"; 2 of 4 right
+    assert result["by_answer_kind"]["yes/no"] == {"accuracy": 50.0, "count": 2}
+    assert result["by_answer_kind"]["shape"]["accuracy"] == 0.0
+    assert result["by_answer_kind"]["colour/other"]["accuracy"] == 100.0
+    assert model.calls == [{"num_beams": 5}] * 4  # the protocol's decoding reaches the model
+    assert [s["score"] for s in result["samples"]] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_caption_scores_come_from_the_metric():
+    examples = [{"image": "x", "image_id": "x", "references": ["a red circle", "a red round shape"]},
+                {"image": "y", "image_id": "y", "references": ["two blue squares"]}]
+    model = Oracle({}, {"x": "a red circle", "y": "a green triangle"})
+    result = evaluate_captions(model, examples, {})
+    expected = caption_scores({"x": "a red circle", "y": "a green triangle"},
+                              {"x": ["a red circle", "a red round shape"], "y": ["two blue squares"]})
+    assert result["CIDEr"] == expected["CIDEr"] and result["BLEU-4"] == expected["BLEU-4"] and result["count"] == 2
+
+
+@pytest.mark.slow
+def test_eval_cli_on_a_tiny_checkpoint(our_checkpoint, tmp_path):
+    for task in ("vqa", "caption"):
+        result = subprocess.run(
+            [sys.executable, "-m", "training", "eval", "--task", task, "--checkpoint", str(our_checkpoint),
+             "--data", "scenes:3:7", "--limit", "4", "--protocol", "greedy", "--output", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        data = json.loads((tmp_path / f"eval_{task}.json").read_text())
+        assert data["task"] == task and data["count"] in (3, 4) and data["protocol"] == "greedy"
+        if task == "vqa":
+            assert 0.0 <= data["accuracy"] <= 100.0 and len(data["samples"]) == data["count"]
+        else:
+            assert "CIDEr" in data and len(data["samples"]) == 3
