@@ -53,6 +53,8 @@ class CheckpointConfig:
     # The image encoder was fine-tuned too (captioning, paper Table 7): its weights are in trained.safetensors under
     # "vision." and replace the referenced pretrained ones.
     vision_trained: bool = False
+    # How image features are normalised before the Q-Former: "none" (official BLIP-2) | "layernorm".
+    image_feature_norm: str = "none"
     format_version: int = FORMAT_VERSION
     metadata: dict = field(default_factory=dict)  # free-form: training recipe, data, metrics
 
@@ -175,6 +177,9 @@ def export_official(model, folder: str | os.PathLike) -> Path:
     if getattr(model, "qformer_embeddings", None) is not None:
         raise CheckpointError("The official BLIP-2 format has no instruction-aware Q-Former (its text input); "
                               "keep this model in our checkpoint format.")
+    if getattr(model, "image_feature_norm", "none") != "none":
+        raise CheckpointError("The official BLIP-2 format feeds raw image features to the Q-Former; this model "
+                              "normalises them (image_feature_norm). Keep it in our checkpoint format.")
     if not isinstance(model.vision, EvaViTEncoder):
         raise CheckpointError(
             "The official transformers BLIP-2 format only holds an EVA ViT (Blip2VisionModel) image encoder; "

@@ -22,7 +22,7 @@ from .checkpoint import (
 from .encoders import EvaViTEncoder, build_encoder
 from .errors import CheckpointError
 from .llm import family_of, load_llm
-from .model import Blip2, ModelInfo
+from .model import IMAGE_FEATURE_NORMS, Blip2, ModelInfo
 from .precision import LoadPlan, resolve
 from .prompts import PromptFormat, default_format
 
@@ -34,6 +34,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 UNTRAINED_NOTE = (
     "The offline default model's Q-Former is UNTRAINED (no trained weights in assets/default yet): it produces "
     "fluent text from SmolLM2 but ignores the image. Train it (see training/) or load an official checkpoint."
+)
+
+
+DEFAULT_NOTE = (
+    "This is the small offline default model (EfficientNet-Lite0 + a Q-Former + SmolLM2-135M-Instruct) trained on a "
+    "CPU with synthetic shapes, easy-vqa and Tux Paint stamps only. It answers simple questions about shapes, "
+    "colours, counts and positions in simple pictures; on real photos its captions and answers are rough guesses. "
+    "Load an official checkpoint (e.g. --model Salesforce/blip2-opt-2.7b) for real-world images."
 )
 
 
@@ -67,7 +75,9 @@ def load(
     plan = resolve(precision, device, low_memory=low_memory)
     if source == "default":
         if is_our_checkpoint(DEFAULT_CHECKPOINT):
-            return _load_ours(DEFAULT_CHECKPOINT, plan, label="default")
+            model = _load_ours(DEFAULT_CHECKPOINT, plan, label="default")
+            model.info.notes.append(DEFAULT_NOTE)
+            return model
         warnings.warn(UNTRAINED_NOTE, stacklevel=2)
         return _build_ours(default_config(), None, plan, label="default (untrained)")
     path = Path(os.path.expanduser(str(source)))
@@ -143,6 +153,9 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
     # Validate the cheap parts before loading the (slow) frozen ones.
+    if config.image_feature_norm not in IMAGE_FEATURE_NORMS:
+        raise CheckpointError(f"Unknown image_feature_norm {config.image_feature_norm!r} in the checkpoint config; "
+                              f"this blip2 knows {', '.join(IMAGE_FEATURE_NORMS)}.")
     try:
         qformer_config = Blip2QFormerConfig(**config.qformer)
     except Exception as exc:  # transformers raises TypeError, ValueError or strict-dataclass validation errors
@@ -186,6 +199,7 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
         vision, query_tokens, qformer, projection, language_model, tokenizer,
         image_token_id=image_token_id, prompt_format=prompt_format, info=info,
         qformer_embeddings=text_embeddings, qformer_tokenizer=qformer_tokenizer,
+        image_feature_norm=config.image_feature_norm,
     )
     if weights is not None:
         _load_trained(model, weights, trained_prefixes(config))

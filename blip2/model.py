@@ -86,11 +86,28 @@ class Reply:
 QFORMER_TEXT_TOKENS = 32  # instruction tokens an instruction-aware Q-Former reads
 
 
-def run_qformer(qformer, query_tokens, image_embeds, text_embeddings=None, text=None) -> torch.Tensor:
+IMAGE_FEATURE_NORMS = ("none", "layernorm")
+
+
+def normalize_image_features(image_embeds: torch.Tensor, kind: str = "none") -> torch.Tensor:
+    """``layernorm``: each image token standardised over its channels (no learned scale), as a ViT's final LayerNorm
+    leaves its features. Towers whose raw features are tiny (EfficientNet's final map: mean |x| ~ 0.1) otherwise
+    reach the Q-Former's cross-attention as a faint signal: colour stayed linearly decodable from the queries but
+    too weak for the frozen LLM to read."""
+    if kind == "none":
+        return image_embeds
+    if kind == "layernorm":
+        return torch.nn.functional.layer_norm(image_embeds.float(), image_embeds.shape[-1:]).to(image_embeds.dtype)
+    raise ValueError(f"Unknown image feature normalisation {kind!r}; use one of {IMAGE_FEATURE_NORMS}.")
+
+
+def run_qformer(qformer, query_tokens, image_embeds, text_embeddings=None, text=None, image_norm: str = "none"
+                ) -> torch.Tensor:
     """(B, N, D) image features -> (B, Q, H) query outputs. With ``text_embeddings`` and tokenized ``text``
     (``input_ids``, ``attention_mask``), the text joins the queries in self-attention (bidirectional, padding
     hidden), as InstructBLIP's Q-Former does; only the Q query outputs are returned. Training and serving share
     this function."""
+    image_embeds = normalize_image_features(image_embeds, image_norm)
     queries = query_tokens.expand(image_embeds.shape[0], -1, -1)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     if text_embeddings is None:
@@ -191,6 +208,7 @@ class Blip2(nn.Module):
         info: ModelInfo,
         qformer_embeddings: nn.Module | None = None,
         qformer_tokenizer=None,
+        image_feature_norm: str = "none",
         query_cache_size: int = 32,
         prefix_cache_size: int = 4,
     ):
@@ -205,6 +223,7 @@ class Blip2(nn.Module):
         # queries extract what is asked. None for the official checkpoints and plain BLIP-2.
         self.qformer_embeddings = qformer_embeddings
         self.qformer_tokenizer = qformer_tokenizer
+        self.image_feature_norm = image_feature_norm  # see normalize_image_features
         self.image_token_id = image_token_id
         self.prompt_format = prompt_format
         self.info = info
@@ -259,7 +278,8 @@ class Blip2(nn.Module):
         if self.instruction_aware:
             text = self.qformer_tokenizer([instruction or ""] * image_embeds.shape[0], padding="longest",
                                           truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt")
-        query_output = run_qformer(self.qformer, self.query_tokens, image_embeds, self.qformer_embeddings, text)
+        query_output = run_qformer(self.qformer, self.query_tokens, image_embeds, self.qformer_embeddings, text,
+                                   image_norm=self.image_feature_norm)
         # Same casts as transformers: back to the image features' dtype, then the projection's own dtype.
         if query_output.dtype != image_embeds.dtype:
             query_output = query_output.to(image_embeds.dtype)

@@ -302,3 +302,50 @@ def test_retrieval_finetune_continues_a_stage1_checkpoint(stage1_tiny, tmp_path)
     after, _ = load_stage1(out / "stage1")
     # lr ~0: the fine-tuned Q-Former is the stage-1 one it started from (not a fresh init).
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_is_exact(stage1_tiny, tmp_path):
+    """Same global batch on 2 processes (DDP on CPU) = 1 process; and a run stopped after step 4 and resumed
+    continues the same curve."""
+    import shutil
+
+    stage1, cache = stage1_tiny
+    llm = build_tiny_text_llm(tmp_path / "llm", "chat")
+    common = ["--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}", f"llm={llm}",
+              f"data.cache_dir={cache}", "train.steps=6", "train.log_every=1", "train.save_every=2", "optim.lr=3e-3",
+              "qformer.dropout=0.0"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    train("stage2", *common, f"output_dir={one}")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training"]
+    result = subprocess.run([*launch, "stage2", *common, f"output_dir={two}", "train.batch_size=4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**env(), "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    train("stage2", *common, f"output_dir={resumed}")  # a full run, cut back to its step-4 checkpoint, resumed
+
+    for step_dir in (resumed / "checkpoints").glob("step_*"):
+        if step_dir.name != "step_00000004":
+            shutil.rmtree(step_dir)
+    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    train("stage2", *common, f"output_dir={resumed}", "--resume")
+    assert losses(resumed) == pytest.approx(losses(one), rel=1e-5)
+
+
+def test_layernorm_image_features_match_the_formula_and_ignore_scale():
+    from blip2.model import normalize_image_features, run_qformer
+
+    x = torch.randn(2, 5, 8) * 0.1 + 0.03
+    expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(normalize_image_features(x, "layernorm"), expected, atol=1e-5)
+    assert normalize_image_features(x, "none") is x
+    with pytest.raises(ValueError, match="Unknown image feature"):
+        normalize_image_features(x, "batchnorm")
+    torch.manual_seed(0)
+    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                encoder_hidden_size=8, cross_attention_frequency=1)
+    qformer, queries = Blip2QFormerModel(config).eval(), torch.randn(1, Q, 16)
+    small = run_qformer(qformer, queries, x, image_norm="layernorm")
+    assert torch.allclose(small, run_qformer(qformer, queries, x * 10, image_norm="layernorm"), atol=1e-4)
+    assert not torch.allclose(small, run_qformer(qformer, queries, x))

@@ -25,6 +25,8 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.activations import ACT2FN
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from blip2.model import normalize_image_features
+
 from . import distributed as dist
 
 
@@ -93,8 +95,10 @@ class Stage1QFormer(nn.Module):
         pad_token_id: int,
         itc_label_smoothing: float = 0.0,
         itg_label_smoothing: float = 0.0,
+        image_feature_norm: str = "none",
     ):
         super().__init__()
+        self.image_feature_norm = image_feature_norm  # blip2.model.normalize_image_features, as served
         if not config.use_qformer_text_input:
             config.use_qformer_text_input = True  # text positions need their own FFN
         self.config = config
@@ -120,7 +124,7 @@ class Stage1QFormer(nn.Module):
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(
             query_embeds=queries,
-            encoder_hidden_states=image_embeds,
+            encoder_hidden_states=normalize_image_features(image_embeds, self.image_feature_norm),
             encoder_attention_mask=_ones(image_embeds),
             return_dict=True,
         ).last_hidden_state
@@ -145,7 +149,7 @@ class Stage1QFormer(nn.Module):
             query_embeds=hidden,
             query_length=q,
             attention_mask=mask,
-            encoder_hidden_states=image_embeds,
+            encoder_hidden_states=normalize_image_features(image_embeds, self.image_feature_norm),
             encoder_attention_mask=_ones(image_embeds),
             return_dict=True,
         ).last_hidden_state

@@ -54,6 +54,9 @@ DEFAULTS = {
         "embed_dim": 256,
         "max_text_length": 32,
         "dropout": 0.1,
+        # Image features into the Q-Former: "none" (raw, official BLIP-2) | "layernorm" (per token; for towers with
+        # tiny raw features such as EfficientNet, see blip2.model.normalize_image_features).
+        "image_feature_norm": "none",
     },
     "data": {
         "sources": [{"type": "scenes", "n": 64, "seed": 0}],
@@ -151,6 +154,7 @@ def build_model(cfg: dict, tokenizer, encoder_dim: int) -> Stage1QFormer:
         config, q["num_query_tokens"], embed_dim=q["embed_dim"], cls_token_id=tokenizer.cls_token_id,
         dec_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN), pad_token_id=tokenizer.pad_token_id,
         itc_label_smoothing=cfg["loss"]["itc_label_smoothing"], itg_label_smoothing=cfg["loss"]["itg_label_smoothing"],
+        image_feature_norm=q["image_feature_norm"],
     )
     if bert_state is not None:
         load_bert_weights(model, bert_state)
@@ -202,7 +206,7 @@ def save_stage1(model: Stage1QFormer, tokenizer, encoder_spec: dict, folder: Pat
         "format": "blip2-stage1", "format_version": 1, "qformer": model.config.to_dict(),
         "num_query_tokens": model.num_query_tokens, "embed_dim": model.vision_projection.out_features,
         "encoder": encoder_spec, "cls_token_id": model.cls_token_id, "dec_token_id": model.dec_token_id,
-        "pad_token_id": model.pad_token_id, "metadata": metadata or {},
+        "pad_token_id": model.pad_token_id, "image_feature_norm": model.image_feature_norm, "metadata": metadata or {},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.word_embeddings.weight"}
     save_file(state, str(tmp / "model.safetensors"))
@@ -225,7 +229,8 @@ def load_stage1(folder) -> tuple[Stage1QFormer, dict]:
     qconfig = Blip2QFormerConfig(**{k: v for k, v in config["qformer"].items() if k not in ("model_type", "transformers_version")})
     model = Stage1QFormer(qconfig, config["num_query_tokens"], embed_dim=config["embed_dim"],
                           cls_token_id=config["cls_token_id"], dec_token_id=config["dec_token_id"],
-                          pad_token_id=config["pad_token_id"])
+                          pad_token_id=config["pad_token_id"],
+                          image_feature_norm=config.get("image_feature_norm", "none"))
     state = load_file(str(folder / "model.safetensors"))
     state["lm_head.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"]
     model.load_state_dict(state)

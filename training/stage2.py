@@ -228,8 +228,9 @@ class Stage2Model(nn.Module):
     transformers' ``Blip2ForConditionalGeneration``, so ``blip2.checkpoint.save_checkpoint`` exports it as is."""
 
     def __init__(self, query_tokens: nn.Parameter, qformer: Blip2QFormerModel, language_model, image_token_id: int,
-                 qformer_embeddings: nn.Module | None = None, qformer_tokenizer=None):
+                 qformer_embeddings: nn.Module | None = None, qformer_tokenizer=None, image_feature_norm: str = "none"):
         super().__init__()
+        self.image_feature_norm = image_feature_norm  # as stage 1 trained the Q-Former (and as blip2 serves it)
         self.query_tokens = query_tokens
         self.qformer = qformer
         # Instruction-aware Q-Former (paper Fig. 7): the prompt's text also enters the Q-Former.
@@ -251,7 +252,8 @@ class Stage2Model(nn.Module):
         """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H_llm)
         projected query outputs, computed by the serving code's own Q-Former pass."""
         out = run_qformer(self.qformer, self.query_tokens, image_embeds.to(self.query_tokens.dtype),
-                          self.qformer_embeddings, qformer_text if self.qformer_embeddings is not None else None)
+                          self.qformer_embeddings, qformer_text if self.qformer_embeddings is not None else None,
+                          image_norm=self.image_feature_norm)
         return self.language_projection(out)
 
     def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None,
@@ -335,7 +337,8 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
             weights.update({f"qformer_embeddings.{k}": v for k, v in embeddings.state_dict().items()})
         qconfig = qformer_config_of(qconfig, text=aware)
         model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
-                            Blip2QFormerModel(qconfig), language_model, image_token_id, embeddings, text_tokenizer)
+                            Blip2QFormerModel(qconfig), language_model, image_token_id, embeddings, text_tokenizer,
+                            ck.image_feature_norm)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
@@ -361,8 +364,8 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
     query_tokens = nn.Parameter(stage1.query_tokens.detach().clone())
     embeddings = stage1.embeddings if aware else None
     torch.manual_seed(cfg["train"]["seed"])
-    return (Stage2Model(query_tokens, qformer, language_model, image_token_id, embeddings, text_tokenizer),
-            encoder_spec, init)
+    return (Stage2Model(query_tokens, qformer, language_model, image_token_id, embeddings, text_tokenizer,
+                        stage1.image_feature_norm), encoder_spec, init)
 
 
 def init_vision_state(folder) -> dict:
@@ -492,6 +495,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
             vision=encoder_spec, llm=cfg["llm"], qformer=qconfig, num_query_tokens=unwrapped.query_tokens.shape[1],
             image_token_id=image_token_id, prompt=cfg["prompt"], trained=True,
             qformer_text_input=unwrapped.qformer_embeddings is not None, vision_trained=vision["enabled"],
+            image_feature_norm=unwrapped.image_feature_norm,
             metadata={"task": task, "step": step, "sources": d["sources"], "init": init, "skipped": dict(skipped)},
         )
         save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg["export"]["dtype"]))
