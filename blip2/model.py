@@ -346,7 +346,7 @@ class Blip2(nn.Module):
         in the caller's thread, before any generation starts."""
         settings = Decoding.from_kwargs(**decoding)
         t0 = time.perf_counter()
-        digest, queries = self.encode_image(image, message if self.instruction_aware else None)
+        digest, queries = self.encode_image(image, message)  # the message matters only to an instruction-aware Q-Former
         ids, dropped, cut = self._fit(render, num_turns, message, settings)
         return digest, queries, ids, settings, t0, dropped, cut
 

@@ -35,6 +35,13 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def global_token_mean(loss_sum: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
+    """A per-process summed token loss -> the mean over every token of the global batch, scaled so that DDP's
+    gradient averaging over processes gives exactly the one-process gradient."""
+    total = gather(token_count.reshape(1)).sum().clamp(min=1)
+    return loss_sum * world_size() / total
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every process's gradient for this process's slice. (torch's own
     ``distributed.nn.all_gather`` gave wrong gradients on the gloo backend in our two-process test.)"""

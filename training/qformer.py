@@ -25,7 +25,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.activations import ACT2FN
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from blip2.model import normalize_image_features
+from blip2.model import normalize_image_features, run_qformer
 
 from . import distributed as dist
 
@@ -121,13 +121,7 @@ class Stage1QFormer(nn.Module):
     # -- the three passes ------------------------------------------------------------------------------------
     def image_queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Query-only pass: (B, N, D) image features -> (B, Q, H) query outputs Z."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(
-            query_embeds=queries,
-            encoder_hidden_states=normalize_image_features(image_embeds, self.image_feature_norm),
-            encoder_attention_mask=_ones(image_embeds),
-            return_dict=True,
-        ).last_hidden_state
+        return run_qformer(self.qformer, self.query_tokens, image_embeds, image_norm=self.image_feature_norm)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass (no queries, no image): (B, T) ids -> (B, T, H)."""
@@ -180,7 +174,7 @@ class Stage1QFormer(nn.Module):
         used as each other's negatives; by default every row is its own image.
         """
         batch = image_embeds.shape[0]
-        rank, world = dist.rank(), dist.world_size()
+        rank = dist.rank()
         # Texts are padded to the longest in the *global* batch: negatives are exchanged between processes, and
         # N processes then see exactly the tensors one process would.
         length = dist.max_over_processes(input_ids.shape[1])
@@ -228,8 +222,7 @@ class Stage1QFormer(nn.Module):
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
             ignore_index=-100, reduction="sum", label_smoothing=self.itg_label_smoothing,
         )
-        tokens_global = dist.gather((labels != -100).sum().reshape(1)).sum().clamp(min=1)
-        itg = token_sum * world / tokens_global
+        itg = dist.global_token_mean(token_sum, (labels != -100).sum())
         return Stage1Losses(itc + itm + itg, itc, itm, itg)
 
 

@@ -252,8 +252,7 @@ class Stage2Model(nn.Module):
         """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H_llm)
         projected query outputs, computed by the serving code's own Q-Former pass."""
         out = run_qformer(self.qformer, self.query_tokens, image_embeds.to(self.query_tokens.dtype),
-                          self.qformer_embeddings, qformer_text if self.qformer_embeddings is not None else None,
-                          image_norm=self.image_feature_norm)
+                          self.qformer_embeddings, qformer_text, image_norm=self.image_feature_norm)
         return self.language_projection(out)
 
     def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None,
@@ -294,16 +293,36 @@ class LMLoss:
         return {"loss": float(self.loss.detach())}
 
 
-def qformer_config_of(config: Blip2QFormerConfig, text: bool) -> Blip2QFormerConfig:
+def qformer_config_dict(config: Blip2QFormerConfig | dict) -> dict:
+    """A Q-Former config as the keyword arguments that rebuild it (as stored in checkpoint configs)."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
+
+
+def qformer_config_of(config: Blip2QFormerConfig | dict, text: bool) -> Blip2QFormerConfig:
     """Stage 2 feeds only queries to the Q-Former unless it is instruction-aware: then stage 1's text-only FFNs
     (a third of its weights) are dropped."""
-    data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    data["use_qformer_text_input"] = text
-    return Blip2QFormerConfig(**data)
+    return Blip2QFormerConfig(**{**qformer_config_dict(config), "use_qformer_text_input": text})
 
 
-def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, dict, dict]:
-    """The model, the encoder spec and metadata about the initialisation, from ``init_from`` or ``qformer.init``.
+def encoder_spec_of(cfg: dict) -> dict:
+    """The frozen image encoder the Q-Former was (or will be) trained on: the one named by ``init_from``'s config,
+    else ``cfg["encoder"]``."""
+    source = cfg["init_from"]
+    if source and is_our_checkpoint(source):
+        return CheckpointConfig.read(source).vision
+    if source:
+        path = Path(source) / "stage1_config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{source} is neither a stage-1 checkpoint (no stage1_config.json) nor a blip2 "
+                                    "checkpoint (no blip2_config.json).")
+        return json.loads(path.read_text())["encoder"]
+    return cfg["encoder"]
+
+
+def build(cfg: dict, language_model, image_token_id: int, encoder_dim: int) -> tuple[Stage2Model, dict, dict]:
+    """The model, metadata about its initialisation, and the fine-tuned image encoder's weights when ``init_from`` is
+    a checkpoint that has them (else empty), from ``init_from`` or ``qformer.init``.
 
     ``qformer_text_input: true`` keeps the Q-Former's text embeddings and text FFNs (from stage 1) so the prompt's
     text enters the Q-Former. Fine-tuning a stage-2 checkpoint that dropped them takes them from the stage-1
@@ -317,13 +336,13 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
         weights = {k: v.float() for k, v in load_trained_weights(source).items()}
         vision_state = {k[len("vision."):]: v for k, v in weights.items() if k.startswith("vision.")}
         weights = {k: v for k, v in weights.items() if not k.startswith("vision.")}
-        qconfig = Blip2QFormerConfig(**{k: v for k, v in ck.qformer.items() if k not in ("model_type", "transformers_version")})
+        qconfig = qformer_config_of(ck.qformer, text=aware)
         embeddings = None
         if aware and ck.qformer_text_input:
             from transformers import AutoTokenizer
 
             text_tokenizer = AutoTokenizer.from_pretrained(Path(source) / QFORMER_TOKENIZER_DIR)
-            embeddings = Blip2TextEmbeddings(qformer_config_of(qconfig, text=True))
+            embeddings = Blip2TextEmbeddings(qconfig)
         elif aware:  # add the text parts from the stage-1 checkpoint behind this one
             stage1_dir = (ck.metadata.get("init") or {}).get("from")
             if not stage1_dir or not (Path(stage1_dir) / "stage1_config.json").exists():
@@ -335,26 +354,24 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
             text_ffn = {k: v for k, v in stage1.qformer.state_dict().items() if ".intermediate." in k or ".output." in k}
             weights.update({f"qformer.{k}": v for k, v in text_ffn.items()})
             weights.update({f"qformer_embeddings.{k}": v for k, v in embeddings.state_dict().items()})
-        qconfig = qformer_config_of(qconfig, text=aware)
         model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
                             Blip2QFormerModel(qconfig), language_model, image_token_id, embeddings, text_tokenizer,
                             ck.image_feature_norm)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ConfigError(f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}.")
-        return model, ck.vision, {"init": "blip2-checkpoint", "from": str(source), "vision_state": vision_state}
+        return model, {"init": "blip2-checkpoint", "from": str(source)}, vision_state
     if source:  # a stage-1 folder
-        stage1, s1config = load_stage1(source)
-        encoder_spec, init = s1config["encoder"], {"init": "stage1", "from": str(source)}
+        stage1, _ = load_stage1(source)
+        init = {"init": "stage1", "from": str(source)}
         if aware:
             text_tokenizer = load_qformer_tokenizer(str(Path(source) / "tokenizer"))
     else:
         tokenizer = load_qformer_tokenizer(cfg["tokenizer"])
-        encoder = build_encoder(cfg["encoder"], pretrained=False)
         if cfg["qformer"]["init"] == "checkpoint":
             raise ConfigError("For a stage-1 Q-Former set init_from=<stage-1 folder> instead of qformer.init.")
-        stage1 = build_stage1_model({**cfg, "loss": STAGE1_DEFAULTS["loss"]}, tokenizer, encoder.feature_dim)
-        encoder_spec, init = cfg["encoder"], {"init": cfg["qformer"]["init"]}
+        stage1 = build_stage1_model({**cfg, "loss": STAGE1_DEFAULTS["loss"]}, tokenizer, encoder_dim)
+        init = {"init": cfg["qformer"]["init"]}
         text_tokenizer = tokenizer if aware else None
     qformer = Blip2QFormerModel(qformer_config_of(stage1.config, text=aware))
     missing, unexpected = qformer.load_state_dict(stage1.qformer.state_dict(), strict=False)
@@ -365,11 +382,7 @@ def build(cfg: dict, language_model, image_token_id: int) -> tuple[Stage2Model, 
     embeddings = stage1.embeddings if aware else None
     torch.manual_seed(cfg["train"]["seed"])
     return (Stage2Model(query_tokens, qformer, language_model, image_token_id, embeddings, text_tokenizer,
-                        stage1.image_feature_norm), encoder_spec, init)
-
-
-def init_vision_state(folder) -> dict:
-    return {k[len("vision."):]: v.float() for k, v in load_trained_weights(folder).items() if k.startswith("vision.")}
+                        stage1.image_feature_norm), init, {})
 
 
 def load_frozen_llm(source: str, dtype: str):
@@ -407,16 +420,14 @@ def run(cfg: dict, resume: bool = False) -> dict:
     family = family_of(language_model.config, tokenizer)
     prompt_format = PromptFormat.from_dict(cfg["prompt"]) if cfg["prompt"] else default_format(family)
     image_token_id = placeholder_token_id(tokenizer)
-    model, encoder_spec, init = build(cfg, language_model, image_token_id)
-    language_model.to(accelerator.device)
-
+    encoder_spec = encoder_spec_of(cfg)
     encoder = build_encoder(encoder_spec).freeze()
-    if init.pop("vision_state", None):  # a checkpoint whose image encoder was fine-tuned
-        encoder.load_state_dict(init_vision_state(cfg["init_from"]))
+    model, init, vision_state = build(cfg, language_model, image_token_id, encoder.feature_dim)
+    language_model.to(accelerator.device)
+    if vision_state:  # a checkpoint whose image encoder was fine-tuned
+        encoder.load_state_dict(vision_state)
     d = cfg["data"]
     vision = cfg["vision_finetune"]
-    sources = [build_source(s) for s in d["sources"]]
-    dataset = sources[0] if len(sources) == 1 else datasets.ConcatPairs(sources)
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
     if task == "caption" and prompt_format.style == "plain":
@@ -462,6 +473,8 @@ def run(cfg: dict, resume: bool = False) -> dict:
     else:
         if not d["cache_features"]:
             raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true).")
+        sources = [build_source(s) for s in d["sources"]]
+        dataset = sources[0] if len(sources) == 1 else datasets.ConcatPairs(sources)
         features, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
         skipped.update(build_skipped)
         encoder = None  # features are cached: free the tower
@@ -485,10 +498,9 @@ def run(cfg: dict, resume: bool = False) -> dict:
         loss_sum, count = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                 batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels)
         # Mean over every target token of the global batch: N processes train exactly like one.
-        total = dist.gather(count.reshape(1)).sum().clamp(min=1)
-        return LMLoss(loss_sum * dist.world_size() / total)
+        return LMLoss(dist.global_token_mean(loss_sum, count))
 
-    qconfig = {k: v for k, v in model.qformer.config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    qconfig = qformer_config_dict(model.qformer.config)
 
     def export(unwrapped, step):
         config = CheckpointConfig(
