@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -144,22 +145,30 @@ class _LRU(OrderedDict):
 
 class TextStream:
     """Iterates text chunks as the model produces them. ``cancel()`` (or closing the iterator, or leaving the
-    ``with`` block) stops generation at the next token. After iteration, ``reply`` holds the finished Reply."""
+    ``with`` block) stops generation at the next token. After iteration, ``reply`` holds the finished Reply.
 
-    def __init__(self, start, streamer: TextIteratorStreamer | None, cancel: threading.Event):
+    ``follow_up(reply)``, if given, runs in the same worker thread once the reply is done (the iterator has already
+    ended by then): work for the *next* turn that nobody waits for. ``wait()`` waits for it too."""
+
+    def __init__(self, start, streamer: TextIteratorStreamer | None, cancel: threading.Event, follow_up=None):
         self._cancel = cancel
         self._streamer = streamer
         self._result: dict = {}
-        self._thread = threading.Thread(target=self._work, args=(start,), daemon=True)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(start, follow_up), daemon=True)
         self._thread.start()
 
-    def _work(self, start):
+    def _work(self, start, follow_up):
         try:
             self._result["reply"] = start()
         except BaseException as exc:  # re-raised in the consumer's thread
             self._result["error"] = exc
             if self._streamer is not None:
                 self._streamer.end()
+        finally:
+            self._done.set()
+        if follow_up is not None and "reply" in self._result:
+            _run_follow_up(follow_up, self._result["reply"])
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -167,17 +176,22 @@ class TextStream:
                 for chunk in self._streamer:
                     if chunk:
                         yield chunk
-            self._thread.join()
+            self._done.wait()
             if "error" in self._result:
                 raise self._result["error"]
             if self._streamer is None:  # beam search cannot stream: the whole text comes at the end
                 yield self._result["reply"].text
         finally:
             self.cancel()
-            self._thread.join()
+            self._done.wait()
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def wait(self) -> Reply | None:
+        """Wait until the worker is finished, follow-up work included; returns the reply."""
+        self._thread.join()
+        return self.reply
 
     @property
     def reply(self) -> Reply | None:
@@ -188,7 +202,14 @@ class TextStream:
 
     def __exit__(self, *exc):
         self.cancel()
-        self._thread.join()
+        self._done.wait()
+
+
+def _run_follow_up(follow_up, reply) -> None:
+    try:
+        follow_up(reply)
+    except Exception:  # an optimisation for the next turn: never worth failing the finished one
+        logger.warning("Preparing the next chat turn failed; it will be computed in full.", exc_info=True)
 
 
 class Blip2(nn.Module):
@@ -231,6 +252,9 @@ class Blip2(nn.Module):
         self._query_cache = _LRU(query_cache_size)  # image digest -> (1, Q, H_llm) on the LLM's device
         self._prefix_caches: list[tuple[str, list[int], DynamicCache]] = []
         self._prefix_cache_size = prefix_cache_size
+        # reply text -> the ids generated for it. Not a cache of computation but what the model said: kept by
+        # clear_caches() so a turn gets the same prompt ids whether its key/values are reused or recomputed.
+        self._reply_ids = _LRU(256)
         self._lock = threading.RLock()
 
     # -- properties ------------------------------------------------------------------------------------------
@@ -268,7 +292,7 @@ class Blip2(nn.Module):
     def instruction_aware(self) -> bool:
         return self.qformer_embeddings is not None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def query_embeddings(self, pixel_values: torch.Tensor, instruction: str | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, Q, H_llm): the image as soft prompt vectors in the LLM's embedding space. An
         instruction-aware Q-Former also reads ``instruction`` (the user's text)."""
@@ -334,11 +358,18 @@ class Blip2(nn.Module):
         turns = _as_turns(history)
 
         def render(drop: int, cut: int) -> Rendered:
-            return self.prompt_format.conversation(turns[drop:], _cut(message, cut), self.tokenizer)
+            return self.prompt_format.conversation(
+                turns[drop:], _cut(message, cut), self.tokenizer, mark_replies=self._can_reuse_replies
+            )
 
+        follow_up = self._next_turn_prefill(turns, message)
         if stream:
-            return self._start(image, render, len(turns), message, decoding)
-        return self._generate_ids(*self._prepare(image, render, len(turns), message, decoding), None, threading.Event()).text
+            return self._start(image, render, len(turns), message, decoding, follow_up)
+        prepared = self._prepare(image, render, len(turns), message, decoding)
+        reply = self._generate_ids(*prepared, None, threading.Event())
+        if follow_up is not None:
+            threading.Thread(target=_run_follow_up, args=(partial(follow_up, prepared[0]), reply), daemon=True).start()
+        return reply.text
 
     # -- internals -------------------------------------------------------------------------------------------
     def _prepare(self, image, render, num_turns: int, message: str, decoding: dict) -> tuple:
@@ -350,7 +381,7 @@ class Blip2(nn.Module):
         ids, dropped, cut = self._fit(render, num_turns, message, settings)
         return digest, queries, ids, settings, t0, dropped, cut
 
-    def _start(self, image, render, num_turns: int, message: str, decoding: dict) -> TextStream:
+    def _start(self, image, render, num_turns: int, message: str, decoding: dict, follow_up=None) -> TextStream:
         prepared = self._prepare(image, render, num_turns, message, decoding)
         settings = prepared[3]
         cancel = threading.Event()
@@ -358,10 +389,25 @@ class Blip2(nn.Module):
         if settings.num_beams == 1:
             # skip_prompt drops the first chunk generate emits: the prompt (or the decoder start token).
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
-        return TextStream(lambda: self._generate_ids(*prepared, streamer, cancel), streamer, cancel)
+        follow_up = partial(follow_up, prepared[0]) if follow_up is not None else None  # with the image digest
+        return TextStream(lambda: self._generate_ids(*prepared, streamer, cancel), streamer, cancel, follow_up)
+
+    @property
+    def _can_reuse_replies(self) -> bool:
+        # Decoder-only LLMs: their replies continue the prompt, so the generated ids can be fed back verbatim.
+        return not self.is_encoder_decoder
 
     def _tokenize(self, rendered: Rendered) -> list[int]:
-        return prompt_ids(rendered, self.tokenizer, self.image_token_id, self.num_query_tokens)
+        return prompt_ids(rendered, self.tokenizer, self.image_token_id, self.num_query_tokens, self._reply_ids.get)
+
+    def _remember_reply(self, text: str, new_tokens: list[int]) -> None:
+        """Keep the ids this model generated for ``text``, so a later turn quoting the reply feeds them back
+        (see ``prompt_ids``); trailing special tokens (EOS) are left to the prompt template."""
+        special = set(self.tokenizer.all_special_ids)
+        while new_tokens and new_tokens[-1] in special:
+            new_tokens = new_tokens[:-1]
+        if text and new_tokens and self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip() == text:
+            self._reply_ids.put(text, new_tokens)
 
     def _fit(self, render, num_turns: int, message: str, settings: Decoding) -> tuple[list[int], int, int]:
         """Render and tokenize, dropping the oldest turns, then cutting the message, until prompt + reply fit."""
@@ -410,15 +456,11 @@ class Blip2(nn.Module):
     def _can_reuse_prefix(self, settings: Decoding) -> bool:
         return not self.is_encoder_decoder and settings.num_beams == 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate_ids(self, digest, queries, ids, settings, t0, dropped, cut, streamer, cancel) -> Reply:
         device = self.llm_input_device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         attention_mask = torch.ones_like(input_ids)
-        embeds = self.language_model.get_input_embeddings()(input_ids)
-        image_positions = (input_ids == self.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(image_positions, queries.to(device, embeds.dtype))
-
         kwargs = settings.generate_kwargs()
         kwargs["stopping_criteria"] = StoppingCriteriaList([_CancelCriteria(cancel)])
         # Beam search cannot stream in transformers; its first token time is then the whole generation.
@@ -429,6 +471,12 @@ class Blip2(nn.Module):
                 cache, reused = self._reusable_cache(digest, ids)
                 if cache is None:
                     cache = DynamicCache(config=self.language_model.config)
+            embeds = self.language_model.get_input_embeddings()(input_ids)
+            image_positions = input_ids == self.image_token_id
+            # generate reads only the positions after the cached prefix; when the image lies inside it, the
+            # soft prompt is already in the key/values and need not be placed again.
+            if bool(image_positions[:, reused:].any()):
+                embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), queries.to(device, embeds.dtype))
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             if self.is_encoder_decoder:
@@ -449,6 +497,8 @@ class Blip2(nn.Module):
                 if extra and _is_plain_dynamic(out.cache):
                     self._remember_prefix(digest, sequences[0].tolist(), out.cache)
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        if self._can_reuse_replies:
+            self._remember_reply(text, new_tokens.tolist())
         return Reply(
             text=text,
             token_ids=new_tokens.tolist(),
@@ -461,6 +511,48 @@ class Blip2(nn.Module):
             truncated_message=cut > 0,
             cancelled=cancel.is_set(),
         )
+
+    def _next_turn_prefill(self, turns: list[Turn], message: str):
+        """A follow-up for a chat turn: once the reply is done, run the LLM over the part of the *next* turn's
+        prompt that does not depend on the next message (the reply's last token, the end-of-turn and next-user
+        markup), extending the cached key/values, so the next turn prefills only its own question. It is found
+        by rendering the next turn with two different placeholder messages and keeping their common token
+        prefix; the next turn reuses it only where its real ids match (``_reusable_cache``), so a wrong guess
+        costs a few tokens of work, never a wrong answer. None where the prefix cannot be reused."""
+        if self.is_encoder_decoder or self.instruction_aware:  # no reuse / the soft prompt depends on the message
+            return None
+
+        def prefill(digest: str, reply: Reply) -> None:
+            if reply.cancelled or reply.truncated_message or not reply.text:
+                return
+            history = turns[reply.dropped_turns:] + [(message, reply.text)]
+            a, b = (
+                self._tokenize(self.prompt_format.conversation(history, x, self.tokenizer, mark_replies=True))
+                for x in ("A", "B")
+            )
+            self._extend_prefix(digest, a[: _common_prefix(a, b)])
+
+        return prefill
+
+    @torch.inference_mode()
+    def _extend_prefix(self, digest: str, ids: list[int]) -> None:
+        with self._lock:
+            for index in reversed(range(len(self._prefix_caches))):
+                entry_digest, entry_ids, cache = self._prefix_caches[index]
+                if entry_digest == digest and len(entry_ids) < len(ids) and ids[: len(entry_ids)] == entry_ids:
+                    break
+            else:
+                return
+            new = ids[len(entry_ids):]
+            if self.image_token_id in new:
+                return
+            device = self.llm_input_device
+            self.language_model(
+                input_ids=torch.tensor([new], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                cache=cache, use_cache=True, logits_to_keep=1,
+            )
+            self._prefix_caches[index] = (digest, ids, cache)
 
     def _remember_prefix(self, digest: str, sequence: list[int], cache: DynamicCache) -> None:
         length = cache.get_seq_length()  # the last generated token is not in the cache yet

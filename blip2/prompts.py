@@ -12,12 +12,15 @@ projected query embeddings (``num_query_tokens`` positions). Two layouts exist:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 # Marks the image slot in text handed to a chat template; stripped from user text so users cannot forge it.
 IMAGE_SLOT = "<|blip2:image|>"
+# Mark where an earlier assistant reply sits in a rendered conversation (see ``prompt_ids``); stripped likewise.
+REPLY_OPEN, REPLY_CLOSE = "<|blip2:reply|>", "<|blip2:/reply|>"
+_MARKERS = (IMAGE_SLOT, REPLY_OPEN, REPLY_CLOSE)
 
 Turn = tuple[str, str]  # (user message, assistant reply)
 
@@ -61,18 +64,24 @@ class PromptFormat:
             return Rendered("", prompt, has_special_tokens=False)
         return self._render_chat([{"role": "user", "content": prompt}], tokenizer)
 
-    def conversation(self, history: Sequence[Turn], message: str, tokenizer=None) -> Rendered:
-        """Past turns plus a new user message, ready for the assistant's next reply."""
+    def conversation(self, history: Sequence[Turn], message: str, tokenizer=None, mark_replies: bool = False) -> Rendered:
+        """Past turns plus a new user message, ready for the assistant's next reply. ``mark_replies`` wraps each
+        past reply (in the plain layout with the space before it, the way a model generates it) in
+        ``REPLY_OPEN``/``REPLY_CLOSE`` so ``prompt_ids`` can put back the token ids the model generated."""
         turns = [(_clean(u), _clean(a)) for u, a in history]
         message = _clean(message)
+        opened, closed = (REPLY_OPEN, REPLY_CLOSE) if mark_replies else ("", "")
         if self.style == "plain":
-            parts = [f"{self.question_template.format(u)} {a}".rstrip() for u, a in turns]
+            parts = [
+                f"{self.question_template.format(u)}{opened} {a}{closed}" if a else self.question_template.format(u)
+                for u, a in turns
+            ]
             parts.append(self.question_template.format(message))
             return Rendered("", self.turn_separator.join(parts), has_special_tokens=False)
         messages = []
         for user, assistant in turns:
             messages.append({"role": "user", "content": self.question_template.format(user)})
-            messages.append({"role": "assistant", "content": assistant})
+            messages.append({"role": "assistant", "content": f"{opened}{assistant}{closed}"})
         messages.append({"role": "user", "content": self.question_template.format(message)})
         return self._render_chat(messages, tokenizer)
 
@@ -90,20 +99,55 @@ class PromptFormat:
         return Rendered(before, after, has_special_tokens=True)
 
 
-def prompt_ids(rendered: Rendered, tokenizer, image_token_id: int, num_query_tokens: int) -> list[int]:
+def prompt_ids(rendered: Rendered, tokenizer, image_token_id: int, num_query_tokens: int,
+               reply_ids: Callable[[str], list[int] | None] | None = None) -> list[int]:
     """Token ids of a rendered prompt with ``num_query_tokens`` image positions, laid out like ``Blip2Processor``
     (plain: image first, then the tokenized prompt with its special tokens) or inside the chat (chat layout).
-    Inference and training both build their inputs here, so a model is trained on exactly what it is served."""
+    Inference and training both build their inputs here, so a model is trained on exactly what it is served.
+
+    Replies marked by ``conversation(mark_replies=True)`` are tokenized with the rest of the text, unless
+    ``reply_ids(text)`` knows the ids the model generated for that reply: those go in as they are. A model often
+    generates a tokenization that re-tokenizing its text does not give back (" A"+"va" where the tokenizer says
+    " Av"+"a"); feeding its own ids back keeps the next turn's prompt an exact extension of the last one, so the
+    key/value cache of that turn is reused whole, and the model sees what it actually said."""
     image = [image_token_id] * num_query_tokens
     if rendered.has_special_tokens:  # chat templates render their special tokens as text
-        before = tokenizer(rendered.before, add_special_tokens=False)["input_ids"] if rendered.before else []
-        after = tokenizer(rendered.after, add_special_tokens=False)["input_ids"]
-        return before + image + after
-    return image + tokenizer(rendered.after)["input_ids"]
+        before = _encode(rendered.before, tokenizer, False, reply_ids) if rendered.before else []
+        return before + image + _encode(rendered.after, tokenizer, False, reply_ids)
+    return image + _encode(rendered.after, tokenizer, True, reply_ids)
+
+
+def _encode(text: str, tokenizer, add_special_tokens: bool, reply_ids) -> list[int]:
+    """Tokenize ``text`` whose marked replies are either plain text (ids unknown) or spliced in as known ids."""
+    if REPLY_OPEN not in text:
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    chunks: list[str | list[int]] = [""]  # text to tokenize, alternating with known ids
+    for piece in text.split(REPLY_OPEN):
+        reply, closed, rest = piece.partition(REPLY_CLOSE)
+        if not closed:  # the text before the first reply
+            chunks[-1] += piece
+            continue
+        known = reply_ids(reply.strip()) if reply_ids is not None and reply.strip() else None
+        if known:
+            chunks += [list(known), rest]
+        else:
+            chunks[-1] += reply + rest
+    ids: list[int] = []
+    for index, chunk in enumerate(chunks):
+        if isinstance(chunk, list):
+            ids += chunk
+        elif chunk:
+            # Only the first text chunk takes the tokenizer's special tokens (OPT's BOS); a tokenizer that also
+            # appends some (T5's EOS) never gets here: encoder-decoders do not reuse key/values across turns.
+            ids += tokenizer(chunk, add_special_tokens=add_special_tokens and index == 0)["input_ids"]
+    return ids
 
 
 def _clean(text: str) -> str:
-    return str(text).replace(IMAGE_SLOT, "").strip()
+    text = str(text)
+    for marker in _MARKERS:
+        text = text.replace(marker, "")
+    return text.strip()
 
 
 def default_format(family: str) -> PromptFormat:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import blip2
+from blip2.model import _common_prefix
 from blip2.prompts import IMAGE_SLOT
 from conftest import image
 
@@ -63,6 +64,44 @@ def test_second_turn_reuses_caches_and_matches_recompute(model):
     list(recomputed)
     assert recomputed.reply.reused_prefix_tokens == 0
     assert recomputed.reply.token_ids == second.reply.token_ids
+
+
+def test_next_turn_feeds_back_the_generated_ids_and_reuses_the_whole_last_turn(model):
+    """A reply's text often re-tokenizes to other ids than the model generated; the next prompt must carry the
+    generated ids, so it extends the last turn's sequence exactly and the whole cached prefix is reused, plus the
+    end-of-turn markup prefilled after the reply streamed."""
+    pil = image(0)
+    first = model.chat(pil, [], "what is it?", stream=True, **GREEDY)
+    reply1 = "".join(first).strip()
+    first.wait()  # the follow-up work for the next turn is done
+    first_prompt = model._tokenize(model.prompt_format.conversation([], "what is it?", model.tokenizer))
+    generated = first.reply.token_ids
+    assert len(generated) == GREEDY["max_new_tokens"] and model.tokenizer.eos_token_id not in generated
+
+    history = [("what is it?", reply1)]
+    ids = model._tokenize(model.prompt_format.conversation(history, "and the colour?", model.tokenizer, mark_replies=True))
+    other = model._tokenize(model.prompt_format.conversation(history, "why?", model.tokenizer, mark_replies=True))
+    assert ids[: len(first_prompt) + len(generated)] == first_prompt + generated
+    shared = _common_prefix(ids, other)  # what any next message starts with: reply + "<|im_end|>...user\n"
+    assert shared > len(first_prompt) + len(generated)
+    second = model.chat(pil, history, "and the colour?", stream=True, **GREEDY)
+    list(second)
+    assert second.reply.reused_prefix_tokens == shared
+
+    model.clear_caches()  # and the prefilled cache gives exactly what computing it all does
+    recomputed = model.chat(pil, history, "and the colour?", stream=True, **GREEDY)
+    list(recomputed)
+    assert recomputed.reply.reused_prefix_tokens == 0
+    assert recomputed.reply.token_ids == second.reply.token_ids
+
+
+def test_an_edited_reply_is_tokenized_as_text(model):
+    pil = image(0)
+    reply1 = model.chat(pil, [], "what is it?", **GREEDY)
+    history = [("what is it?", reply1 + " (edited)")]
+    marked = model.prompt_format.conversation(history, "and?", model.tokenizer, mark_replies=True)
+    plain = model.prompt_format.conversation(history, "and?", model.tokenizer)
+    assert model._tokenize(marked) == model._tokenize(plain)
 
 
 def test_new_image_does_not_reuse_the_old_prefix(model):
@@ -167,3 +206,22 @@ def test_query_embeddings_dtype_and_shape(model):
     _, queries = model.encode_image(image(0))
     assert queries.shape == (1, model.num_query_tokens, model.language_model.config.hidden_size)
     assert model.qformer.layernorm.weight.dtype == torch.float32
+
+
+def test_plain_layout_chat_reuses_the_last_turn_and_matches_recompute(opt_checkpoint):
+    """The same on an official OPT checkpoint ("Question: .. Answer: .." turns, BOS after the image)."""
+    opt = blip2.load(str(opt_checkpoint), precision="fp32", device="cpu")
+    pil = image(2)
+    first = opt.chat(pil, [], "what is it?", stream=True, **GREEDY)
+    reply1 = "".join(first).strip()
+    first.wait()
+    history = [("what is it?", reply1)]
+    render = lambda message: opt.prompt_format.conversation(history, message, opt.tokenizer, mark_replies=True)  # noqa: E731
+    shared = _common_prefix(opt._tokenize(render("and the colour?")), opt._tokenize(render("why?")))
+    second = opt.chat(pil, history, "and the colour?", stream=True, **GREEDY)
+    list(second)
+    assert second.reply.reused_prefix_tokens == shared > opt.num_query_tokens + len(first.reply.token_ids)
+    opt.clear_caches()
+    recomputed = opt.chat(pil, history, "and the colour?", stream=True, **GREEDY)
+    list(recomputed)
+    assert recomputed.reply.token_ids == second.reply.token_ids

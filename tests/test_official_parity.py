@@ -2,8 +2,13 @@
 
 The reference is `Blip2Processor` + `Blip2ForConditionalGeneration.generate`, nothing of ours; the checkpoints are
 tiny random models saved in the official format (conftest.py), one with an OPT and one with a T5 text model.
+
+CI runs them on the CPU in fp32. On a GPU the same tests check the other precisions against transformers loaded
+with the same settings, e.g. ``BLIP2_TEST_DEVICE=cuda BLIP2_TEST_PRECISIONS=fp16,bf16,int8,nf4 pytest
+tests/test_official_parity.py``.
 """
 
+import os
 import warnings
 
 import pytest
@@ -11,7 +16,11 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import blip2
+from blip2.precision import resolve
 from conftest import image
+
+DEVICE = os.environ.get("BLIP2_TEST_DEVICE", "cpu")
+PRECISIONS = [p.strip() for p in os.environ.get("BLIP2_TEST_PRECISIONS", "fp32").split(",") if p.strip()]
 
 PROMPTS = {"opt": "Question: what is in the picture? Answer:", "t5": "Question: what is in the picture? Short answer:"}
 SETTINGS = [
@@ -21,8 +30,27 @@ SETTINGS = [
 ]
 
 
-def reference_tokens(ref, processor, kind, pil, prompt, settings):
+def reference_model(folder, ours, precision: str):
+    """Plain transformers with the same dtype / quantization settings and device as ``ours``, and the Q-Former in
+    the dtype blip2 keeps it in (fp32), so both sides compute the same numbers."""
+    plan = resolve(precision, DEVICE)
+    ref = Blip2ForConditionalGeneration.from_pretrained(
+        folder, dtype=plan.dtype, quantization_config=plan.quantization_config, device_map=plan.device_map
+    ).eval()
+    ref.qformer.to(ours.qformer.layernorm.weight.dtype)
+    ref.query_tokens.data = ref.query_tokens.data.to(ours.query_tokens.dtype)
+    return ref
+
+
+def reference_inputs(ref, processor, pil, prompt):
     inputs = processor(images=pil, text=prompt, return_tensors="pt") if prompt else processor(images=pil, return_tensors="pt")
+    inputs = inputs.to(ref.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(ref.vision_model.embeddings.patch_embedding.weight.dtype)
+    return inputs
+
+
+def reference_tokens(ref, processor, kind, pil, prompt, settings):
+    inputs = reference_inputs(ref, processor, pil, prompt)
     out = ref.generate(**inputs, max_new_tokens=10, min_new_tokens=10, **settings)
     if kind == "opt":  # decoder-only generate returns prompt + reply
         # Without text, generate builds [image tokens] + [BOS] itself and returns them too.
@@ -31,15 +59,16 @@ def reference_tokens(ref, processor, kind, pil, prompt, settings):
     return out[0, 1:].tolist()  # drop the decoder start token
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=[(k, p) for k in ("opt", "t5") for p in PRECISIONS],
+                ids=lambda param: "-".join(param))
 def pair(request, opt_checkpoint, t5_checkpoint):
-    folder = {"opt": opt_checkpoint, "t5": t5_checkpoint}[request.param]
-    ref = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    kind, precision = request.param
+    folder = {"opt": opt_checkpoint, "t5": t5_checkpoint}[kind]
     processor = Blip2Processor.from_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = blip2.load(str(folder), precision="fp32", device="cpu")
-    return request.param, ref, processor, ours
+        ours = blip2.load(str(folder), precision=precision, device=DEVICE)
+    return kind, reference_model(folder, ours, precision), processor, ours
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "beam3-lp-1", "beam2-rep"])
@@ -73,9 +102,12 @@ def test_empty_prompt_captioning_matches(opt_checkpoint):
 
 def test_query_embeddings_match_transformers(pair):
     kind, ref, processor, ours = pair
-    pixel_values = processor(images=image(3), return_tensors="pt")["pixel_values"]
+    pixel_values = reference_inputs(ref, processor, image(3), None)["pixel_values"]
     expected = ref.get_image_features(pixel_values).pooler_output
-    assert torch.allclose(ours.query_embeddings(pixel_values), expected, atol=1e-6)
+    got = ours.query_embeddings(pixel_values)
+    assert got.dtype == expected.dtype and got.device == expected.device
+    tolerance = 1e-6 if got.dtype == torch.float32 else 1e-2 * expected.abs().max().item()
+    assert torch.allclose(got, expected, atol=tolerance)
 
 
 def test_prompt_format_follows_family(pair):
