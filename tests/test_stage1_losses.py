@@ -63,6 +63,25 @@ def test_itc_query_outputs_do_not_depend_on_text():
     assert torch.equal(text_b, text_c)
 
 
+def test_mean_text_pooling_is_the_masked_mean_of_the_text_outputs():
+    model = tiny_model(text_pooling="mean")
+    image_embeds, ids, mask = batch()
+    _, text = model.itc_features(image_embeds, ids, mask)
+    hidden = model.text_features(ids, mask)
+    for row in range(len(ids)):
+        n = int(mask[row].sum())
+        expected = F.normalize(model.text_projection(hidden[row, :n].mean(0)), dim=-1)
+        assert torch.allclose(text[row], expected, atol=1e-6)
+    # padding tokens do not count: other ids under the padding give the same feature
+    other = ids.clone()
+    other[0, -2:] = 7
+    assert torch.allclose(model.itc_features(image_embeds, other, mask)[1][0], text[0], atol=1e-6)
+    # the [CLS] pooling of the paper is a different feature
+    assert not torch.allclose(tiny_model(text_pooling="cls").itc_features(image_embeds, ids, mask)[1], text)
+    with pytest.raises(ValueError, match="text_pooling"):
+        tiny_model(text_pooling="max")
+
+
 def test_itg_later_token_cannot_change_earlier_logits():
     model = tiny_model()
     image_embeds, ids, mask = batch()

@@ -59,3 +59,59 @@ def test_overrides_and_errors(tmp_path):
         load_config(bad, [], DEFAULTS)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml", [], DEFAULTS)
+
+
+def test_mean_pooled_text_feature_is_the_sentence_transformers_embedding_at_init():
+    """text_pooling=mean with all 6 layers: before training, the ITC text feature's input is exactly the
+    all-MiniLM-L6-v2 sentence embedding (its mean pooling), the space the retrieval recipe starts from."""
+    cfg = load_config(None, ["qformer.init=bert", "qformer.dropout=0.0", "qformer.text_pooling=mean"], DEFAULTS)
+    tokenizer = load_qformer_tokenizer(MINILM)
+    model = build_model(cfg, tokenizer, encoder_dim=1280).eval()
+    bert = BertModel.from_pretrained(local_source(MINILM)).eval()
+    tokens = tokenizer(["a red circle on the left", "two dogs"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = []
+        model.text_projection.register_forward_hook(lambda module, args, out: pooled.append(args[0]))
+        model.itc_features(torch.zeros(2, 49, 1280), tokens["input_ids"], tokens["attention_mask"])
+        hidden = bert(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        sentence = (hidden * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(pooled[0], sentence, atol=1e-4)
+
+
+def test_pretrained_lr_scale_applies_to_the_loaded_bert_weights_only():
+    from training.engine import LoopConfig, param_groups
+
+    cfg = load_config(None, ["qformer.init=bert"], DEFAULTS)
+    model = build_model(cfg, load_qformer_tokenizer(MINILM), encoder_dim=1280)
+    pretrained = model.pretrained_names
+    assert "qformer.encoder.layer.0.attention.attention.query.weight" in pretrained
+    assert not any("crossattention" in n or n == "query_tokens" for n in pretrained)
+    loop = LoopConfig(steps=1, batch_size=1, lr=1e-3, weight_decay=0.0)
+    groups = param_groups(model, loop, lambda name: 0.1 if name in pretrained else 1.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["qformer.encoder.layer.0.attention.attention.query.weight"])] == pytest.approx(1e-4)
+    assert lr_of[id(named["qformer.encoder.layer.0.crossattention.attention.query.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["query_tokens"])] == pytest.approx(1e-3)
+
+
+def test_repeat_by_source_lists_items_that_many_times():
+    from training.config import ConfigError
+    from training.stage1 import repeat_by_source
+
+    class Items:
+        items = [{"source": "a"}, {"source": "b"}, {"source": "a"}]
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+        def __len__(self):
+            return 3
+
+    repeated = repeat_by_source(Items(), {"a": 3})
+    assert [repeated[i]["source"] for i in range(len(repeated))].count("a") == 6 and len(repeated) == 7
+    with pytest.raises(ConfigError, match="'c'"):
+        repeat_by_source(Items(), {"c": 2})
+    with pytest.raises(ConfigError, match="whole number"):
+        repeat_by_source(Items(), {"a": 0})

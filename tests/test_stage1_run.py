@@ -131,3 +131,14 @@ def test_augment_with_cache_is_refused(tmp_path):
     result = subprocess.run(command(tmp_path, "data.augment=true"), cwd=ROOT, capture_output=True, text=True,
                             env=env(), timeout=120)
     assert result.returncode == 2 and "cache_features needs data.augment: false" in result.stderr
+
+
+def test_retrieval_recipe_options_run_and_round_trip(tmp_path, cache):
+    """text_pooling, pretrained_lr_scale (on a scratch Q-Former it has nothing to scale) and data.repeat: the run
+    sees the repeated pairs, reuses the same feature cache, and the checkpoint keeps the pooling."""
+    result = run(command(tmp_path, f"data.cache_dir={cache}", "qformer.text_pooling=mean",
+                         "optim.pretrained_lr_scale=0.1", "data.repeat={scenes: 2}", "train.steps=2"))
+    assert "stage 1: 96 pairs" in result.stdout + result.stderr  # 48 scenes, each twice
+    model, config = load_stage1(tmp_path / "stage1")
+    assert config["text_pooling"] == "mean" and model.text_pooling == "mean"
+    assert len(list(Path(cache).iterdir())) == 1  # the repeat is not part of the cache key

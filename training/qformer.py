@@ -81,6 +81,9 @@ def multimodal_causal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.T
     return allowed
 
 
+TEXT_POOLINGS = ("cls", "mean")
+
+
 class Stage1QFormer(nn.Module):
     """Query tokens + Q-Former + the three stage-1 heads."""
 
@@ -96,9 +99,13 @@ class Stage1QFormer(nn.Module):
         itc_label_smoothing: float = 0.0,
         itg_label_smoothing: float = 0.0,
         image_feature_norm: str = "none",
+        text_pooling: str = "cls",
     ):
         super().__init__()
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, not {text_pooling!r}.")
         self.image_feature_norm = image_feature_norm  # blip2.model.normalize_image_features, as served
+        self.text_pooling = text_pooling
         if not config.use_qformer_text_input:
             config.use_qformer_text_input = True  # text positions need their own FFN
         self.config = config
@@ -161,10 +168,17 @@ class Stage1QFormer(nn.Module):
         return self.lm_head(hidden[:, self.num_query_tokens:])
 
     def itc_features(self, image_embeds, input_ids, attention_mask):
-        """Normalised (B, Q, E) query features and (B, E) text [CLS] features."""
+        """Normalised (B, Q, E) query features and (B, E) text features: the [CLS] output (the paper) or, with
+        ``text_pooling="mean"``, the mean over the text's tokens, the pooling a sentence-embedding model such as
+        all-MiniLM-L6-v2 was trained with, so ITC starts from its sentence space instead of an unused [CLS]."""
         image_feats = F.normalize(self.vision_projection(self.image_queries(image_embeds)), dim=-1)
-        text_cls = self.text_features(input_ids, attention_mask)[:, 0]
-        return image_feats, F.normalize(self.text_projection(text_cls), dim=-1)
+        text = self.text_features(input_ids, attention_mask)
+        if self.text_pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(text.dtype)
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        else:
+            pooled = text[:, 0]
+        return image_feats, F.normalize(self.text_projection(pooled), dim=-1)
 
     # -- losses ----------------------------------------------------------------------------------------------
     def forward(self, image_embeds, input_ids, attention_mask, image_ids=None, step: int = 0) -> Stage1Losses:

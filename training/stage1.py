@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Subset
 from transformers import AutoTokenizer, Blip2QFormerConfig
 
 from blip2.encoders import build_encoder
@@ -57,6 +58,9 @@ DEFAULTS = {
         # Image features into the Q-Former: "none" (raw, official BLIP-2) | "layernorm" (per token; for towers with
         # tiny raw features such as EfficientNet, see blip2.model.normalize_image_features).
         "image_feature_norm": "none",
+        # The ITC text feature: "cls" (the paper's [CLS] output) | "mean" (mean over the text's tokens, the pooling
+        # of sentence-embedding checkpoints such as all-MiniLM-L6-v2).
+        "text_pooling": "cls",
     },
     "data": {
         "sources": [{"type": "scenes", "n": 64, "seed": 0}],
@@ -64,9 +68,15 @@ DEFAULTS = {
         "cache_features": True,  # precompute the frozen encoder's features once (needs augment: false)
         "cache_dir": None,  # default: <output_dir>/features
         "feature_dtype": "float16",
+        # Draw some sources' pairs more often, by the items' source name, e.g. {tuxpaint: 5}: few real-world
+        # captions among many templated ones (needs cache_features; not part of the cache's key).
+        "repeat": {},
     },
     "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.05, "betas": [0.9, 0.98],
-              "max_grad_norm": 1.0},
+              "max_grad_norm": 1.0,
+              # Learning-rate multiplier for the weights qformer.init=bert loaded (embeddings, self-attention,
+              # FFNs); < 1 keeps more of the pretrained sentence space on a small corpus. New parts get the full rate.
+              "pretrained_lr_scale": 1.0},
     "train": {"steps": 20, "batch_size": 8, "grad_accum": 1, "mixed_precision": "no", "seed": 42, "log_every": 5,
               "save_every": 10, "keep_checkpoints": 2, "num_workers": 0},
     "loss": {"itc_label_smoothing": 0.0, "itg_label_smoothing": 0.0},
@@ -88,6 +98,18 @@ def build_source(spec: dict, transform=None):
     if kind == "easyvqa":
         return datasets.EasyVQA(spec.get("split", "train"), transform=transform)
     raise ConfigError(f"Unknown data source type {kind!r}; use scenes, manifest, tuxpaint or easyvqa.")
+
+
+def repeat_by_source(dataset, repeat: dict) -> Subset:
+    """``dataset`` (items with a "source") with each item of source s listed ``repeat[s]`` times."""
+    sources = [item.get("source", "") for item in dataset.items]
+    unknown = sorted(set(repeat) - set(sources))
+    if unknown:
+        raise ConfigError(f"data.repeat names source(s) {unknown} that the data does not have; it has {sorted(set(sources))}.")
+    for name, times in repeat.items():
+        if not isinstance(times, int) or times < 1:
+            raise ConfigError(f"data.repeat.{name} must be a whole number >= 1, not {times!r}.")
+    return Subset(dataset, [i for i, source in enumerate(sources) for _ in range(repeat.get(source, 1))])
 
 
 def parse_data_arg(text: str) -> dict:
@@ -154,10 +176,10 @@ def build_model(cfg: dict, tokenizer, encoder_dim: int) -> Stage1QFormer:
         config, q["num_query_tokens"], embed_dim=q["embed_dim"], cls_token_id=tokenizer.cls_token_id,
         dec_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN), pad_token_id=tokenizer.pad_token_id,
         itc_label_smoothing=cfg["loss"]["itc_label_smoothing"], itg_label_smoothing=cfg["loss"]["itg_label_smoothing"],
-        image_feature_norm=q["image_feature_norm"],
+        image_feature_norm=q["image_feature_norm"], text_pooling=q["text_pooling"],
     )
     if bert_state is not None:
-        load_bert_weights(model, bert_state)
+        model.pretrained_names = set(load_bert_weights(model, bert_state))
     return model
 
 
@@ -206,7 +228,8 @@ def save_stage1(model: Stage1QFormer, tokenizer, encoder_spec: dict, folder: Pat
         "format": "blip2-stage1", "format_version": 1, "qformer": model.config.to_dict(),
         "num_query_tokens": model.num_query_tokens, "embed_dim": model.vision_projection.out_features,
         "encoder": encoder_spec, "cls_token_id": model.cls_token_id, "dec_token_id": model.dec_token_id,
-        "pad_token_id": model.pad_token_id, "image_feature_norm": model.image_feature_norm, "metadata": metadata or {},
+        "pad_token_id": model.pad_token_id, "image_feature_norm": model.image_feature_norm, "text_pooling": model.text_pooling,
+        "metadata": metadata or {},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.word_embeddings.weight"}
     save_file(state, str(tmp / "model.safetensors"))
@@ -230,7 +253,8 @@ def load_stage1(folder) -> tuple[Stage1QFormer, dict]:
     model = Stage1QFormer(qconfig, config["num_query_tokens"], embed_dim=config["embed_dim"],
                           cls_token_id=config["cls_token_id"], dec_token_id=config["dec_token_id"],
                           pad_token_id=config["pad_token_id"],
-                          image_feature_norm=config.get("image_feature_norm", "none"))
+                          image_feature_norm=config.get("image_feature_norm", "none"),
+                          text_pooling=config.get("text_pooling", "cls"))
     state = load_file(str(folder / "model.safetensors"))
     state["lm_head.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"]
     model.load_state_dict(state)
@@ -268,9 +292,13 @@ def run(cfg: dict, resume: bool = False) -> dict:
     max_len = cfg["qformer"]["max_text_length"]
     skipped: Counter = Counter(getattr(dataset, "skipped", {}))
 
+    if d["repeat"] and not d["cache_features"]:
+        raise ConfigError("data.repeat needs data.cache_features: true (it repeats cached items by their source).")
     if d["cache_features"]:
         train_set, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
         skipped.update(build_skipped)
+        if d["repeat"]:
+            train_set = repeat_by_source(train_set, d["repeat"])
 
         def collate(batch):
             out = collate_features(batch)
@@ -309,8 +337,11 @@ def run(cfg: dict, resume: bool = False) -> dict:
         save_stage1(unwrapped, tokenizer, cfg["encoder"], output_dir / EXPORT_DIR,
                     metadata={"step": step, "sources": d["sources"], "skipped": dict(skipped)})
 
+    scale = float(cfg["optim"]["pretrained_lr_scale"])
+    pretrained = getattr(model, "pretrained_names", set())
+    lr_scale = (lambda name: scale if name in pretrained else 1.0) if scale != 1.0 and pretrained else None
     last = fit(loop_config(cfg), model, train_set, collate, compute_losses, output_dir, resume=resume,
-               on_checkpoint=export, accelerator=accelerator)
+               on_checkpoint=export, accelerator=accelerator, lr_scale=lr_scale)
     if accelerator.is_main_process:
         (output_dir / "final_metrics.json").write_text(json.dumps(last, indent=2))
     return last
