@@ -168,7 +168,7 @@ class TextStream:
         finally:
             self._done.set()
         if follow_up is not None and "reply" in self._result:
-            _run_follow_up(follow_up, self._result["reply"])
+            _start_follow_up(follow_up, self._result["reply"]).join()  # wait() waits for it too
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -210,6 +210,14 @@ def _run_follow_up(follow_up, reply) -> None:
         follow_up(reply)
     except Exception:  # an optimisation for the next turn: never worth failing the finished one
         logger.warning("Preparing the next chat turn failed; it will be computed in full.", exc_info=True)
+
+
+def _start_follow_up(follow_up, reply) -> threading.Thread:
+    """Run ``follow_up(reply)`` in a non-daemon thread: a program that exits right after a reply waits the few
+    milliseconds it takes instead of killing a thread inside a torch kernel (which aborts the process)."""
+    thread = threading.Thread(target=_run_follow_up, args=(follow_up, reply), daemon=False)
+    thread.start()
+    return thread
 
 
 class Blip2(nn.Module):
@@ -368,7 +376,7 @@ class Blip2(nn.Module):
         prepared = self._prepare(image, render, len(turns), message, decoding)
         reply = self._generate_ids(*prepared, None, threading.Event())
         if follow_up is not None:
-            threading.Thread(target=_run_follow_up, args=(partial(follow_up, prepared[0]), reply), daemon=True).start()
+            _start_follow_up(partial(follow_up, prepared[0]), reply)
         return reply.text
 
     # -- internals -------------------------------------------------------------------------------------------

@@ -225,3 +225,26 @@ def test_plain_layout_chat_reuses_the_last_turn_and_matches_recompute(opt_checkp
     recomputed = opt.chat(pil, history, "and the colour?", stream=True, **GREEDY)
     list(recomputed)
     assert recomputed.reply.token_ids == second.reply.token_ids
+
+
+def test_a_program_that_exits_right_after_a_reply_exits_cleanly(our_checkpoint, tmp_path):
+    """The next-turn prefill runs after the reply; exiting at once must neither abort the process ("terminate called
+    without an active exception", a killed thread inside a torch kernel) nor hang."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ask_and_exit.py"
+    script.write_text(
+        "import sys, warnings\nwarnings.simplefilter('ignore')\nimport blip2\nfrom PIL import Image\n"
+        "m = blip2.load(sys.argv[1], precision='fp32', device='cpu')\n"
+        "print(repr(m.ask(Image.new('RGB', (48, 40), 'red'), 'what is it?', max_new_tokens=4)))\n"
+        "print(repr(''.join(m.chat(Image.new('RGB', (48, 40), 'red'), [], 'and?', stream=True, max_new_tokens=4))))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    for _ in range(2):
+        result = subprocess.run([sys.executable, str(script), str(our_checkpoint)], cwd=root, capture_output=True,
+                                text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "terminate called" not in result.stderr
+        assert len(result.stdout.strip().splitlines()) == 2

@@ -115,3 +115,12 @@ def test_repeat_by_source_lists_items_that_many_times():
         repeat_by_source(Items(), {"c": 2})
     with pytest.raises(ConfigError, match="whole number"):
         repeat_by_source(Items(), {"a": 0})
+
+
+def test_unquoted_no_for_mixed_precision_means_no():
+    """`train.mixed_precision=no` on the command line is YAML for false; it must mean "no", not crash accelerate."""
+    from training.engine import make_accelerator
+
+    cfg = load_config(None, ["train.mixed_precision=no"], DEFAULTS)
+    assert cfg["train"]["mixed_precision"] is False
+    assert make_accelerator(cfg["train"]["mixed_precision"]).mixed_precision == "no"

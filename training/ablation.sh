@@ -18,8 +18,8 @@ for arm in with without; do
         --resume output_dir=$out/stage2 train.steps=$STAGE2_STEPS "${init[@]}"
     [ -f $out/vqa/final_metrics.json ] || python -m training finetune --task vqa --config training/configs/default_vqa.yaml \
         --resume output_dir=$out/vqa init_from=$out/stage2/checkpoint train.steps=$VQA_STEPS
-    python -m training eval --task vqa --checkpoint $out/vqa/checkpoint --data easyvqa:test --protocol greedy \
-        --limit "$LIMIT" --output $out
+    [ -f $out/eval_vqa.json ] || python -m training eval --task vqa --checkpoint $out/vqa/checkpoint \
+        --data easyvqa:test --protocol greedy --limit "$LIMIT" --output $out
 done
 python -m training.plot_runs --output assets/ablation.png --titles "stage 2 (captions),VQA fine-tune" \
     "with stage 1=runs/ablation_with/stage2,runs/ablation_with/vqa" \

@@ -184,7 +184,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.wait_for_everyone()
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str | bool = "no") -> Accelerator:
+    if mixed_precision is False or mixed_precision is None:
+        mixed_precision = "no"  # YAML reads an unquoted `no` (e.g. train.mixed_precision=no) as false
     # One scheduler step per optimizer step. accelerate's default steps the LR schedule once per process each
     # step (it assumes per-process schedules), which would decay N times faster on N processes.
     return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
