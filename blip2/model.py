@@ -155,7 +155,10 @@ class TextStream:
         self._streamer = streamer
         self._result: dict = {}
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(start, follow_up), daemon=True)
+        # Not a daemon: the interpreter waits for it at exit rather than killing it inside a torch kernel or the
+        # follow-up (which aborts the process: "terminate called without an active exception"). Cancelled or
+        # consumed streams end within a token; an abandoned one finishes its reply first.
+        self._thread = threading.Thread(target=self._work, args=(start, follow_up), daemon=False)
         self._thread.start()
 
     def _work(self, start, follow_up):
@@ -168,7 +171,7 @@ class TextStream:
         finally:
             self._done.set()
         if follow_up is not None and "reply" in self._result:
-            _start_follow_up(follow_up, self._result["reply"]).join()  # wait() waits for it too
+            _run_follow_up(follow_up, self._result["reply"])  # after the reply is handed over; wait() waits for it
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -210,14 +213,6 @@ def _run_follow_up(follow_up, reply) -> None:
         follow_up(reply)
     except Exception:  # an optimisation for the next turn: never worth failing the finished one
         logger.warning("Preparing the next chat turn failed; it will be computed in full.", exc_info=True)
-
-
-def _start_follow_up(follow_up, reply) -> threading.Thread:
-    """Run ``follow_up(reply)`` in a non-daemon thread: a program that exits right after a reply waits the few
-    milliseconds it takes instead of killing a thread inside a torch kernel (which aborts the process)."""
-    thread = threading.Thread(target=_run_follow_up, args=(follow_up, reply), daemon=False)
-    thread.start()
-    return thread
 
 
 class Blip2(nn.Module):
@@ -375,8 +370,8 @@ class Blip2(nn.Module):
             return self._start(image, render, len(turns), message, decoding, follow_up)
         prepared = self._prepare(image, render, len(turns), message, decoding)
         reply = self._generate_ids(*prepared, None, threading.Event())
-        if follow_up is not None:
-            _start_follow_up(partial(follow_up, prepared[0]), reply)
+        if follow_up is not None:  # without a stream there is no worker thread to leave it to: run it here
+            _run_follow_up(partial(follow_up, prepared[0]), reply)
         return reply.text
 
     # -- internals -------------------------------------------------------------------------------------------
