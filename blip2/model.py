@@ -365,14 +365,10 @@ class Blip2(nn.Module):
                 turns[drop:], _cut(message, cut), self.tokenizer, mark_replies=self._can_reuse_replies
             )
 
-        follow_up = self._next_turn_prefill(turns, message)
-        if stream:
-            return self._start(image, render, len(turns), message, decoding, follow_up)
-        prepared = self._prepare(image, render, len(turns), message, decoding)
-        reply = self._generate_ids(*prepared, None, threading.Event())
-        if follow_up is not None:  # without a stream there is no worker thread to leave it to: run it here
-            _run_follow_up(partial(follow_up, prepared[0]), reply)
-        return reply.text
+        if stream:  # chat front ends stream; the next turn is prepared in the stream's worker once the reply is out
+            return self._start(image, render, len(turns), message, decoding, self._next_turn_prefill(turns, message))
+        # Without a stream (batch jobs, ask(), evaluation) nobody is reading while we could prefill: no follow-up.
+        return self._generate_ids(*self._prepare(image, render, len(turns), message, decoding), None, threading.Event()).text
 
     # -- internals -------------------------------------------------------------------------------------------
     def _prepare(self, image, render, num_turns: int, message: str, decoding: dict) -> tuple:
