@@ -405,7 +405,8 @@ class Blip2(nn.Module):
         special = set(self.tokenizer.all_special_ids)
         while new_tokens and new_tokens[-1] in special:
             new_tokens = new_tokens[:-1]
-        if text and new_tokens and self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip() == text:
+        # ``text`` is these ids decoded with special tokens skipped, so the trailing ones dropped here change nothing.
+        if text and new_tokens:
             self._reply_ids.put(text, new_tokens)
 
     def _fit(self, render, num_turns: int, message: str, settings: Decoding) -> tuple[list[int], int, int]:
@@ -496,11 +497,12 @@ class Blip2(nn.Module):
                 if extra and _is_plain_dynamic(out.cache):
                     self._remember_prefix(digest, sequences[0].tolist(), out.cache)
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        token_ids = new_tokens.tolist()
         if self._can_reuse_replies:
-            self._remember_reply(text, new_tokens.tolist())
+            self._remember_reply(text, token_ids)
         return Reply(
             text=text,
-            token_ids=new_tokens.tolist(),
+            token_ids=token_ids,
             prompt_tokens=len(ids),
             new_tokens=int(new_tokens.numel()),
             seconds=time.perf_counter() - t0,
@@ -518,7 +520,7 @@ class Blip2(nn.Module):
         by rendering the next turn with two different placeholder messages and keeping their common token
         prefix; the next turn reuses it only where its real ids match (``_reusable_cache``), so a wrong guess
         costs a few tokens of work, never a wrong answer. None where the prefix cannot be reused."""
-        if self.is_encoder_decoder or self.instruction_aware:  # no reuse / the soft prompt depends on the message
+        if not self._can_reuse_replies or self.instruction_aware:  # no reuse / the soft prompt depends on the message
             return None
 
         def prefill(digest: str, reply: Reply) -> None:
