@@ -3,6 +3,7 @@ loss on the target tokens only, prefix LM for encoder-decoders, and tiny runs fo
 whose checkpoints blip2.load opens."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,26 @@ def test_layernorm_image_features_match_the_formula_and_ignore_scale():
     small = run_qformer(qformer, queries, x, image_norm="layernorm")
     assert torch.allclose(small, run_qformer(qformer, queries, x * 10, image_norm="layernorm"), atol=1e-4)
     assert not torch.allclose(small, run_qformer(qformer, queries, x))
+
+
+def test_repeat_questions_lists_matching_questions_more_often():
+    from types import SimpleNamespace
+
+    from training.config import ConfigError
+    from training.stage2 import repeat_questions
+
+    rows = [(0, "vqa", "What color is the shape?", "red", "a#q0"),
+            (0, "vqa", "Is there a circle?", "yes", "a#q1"),
+            (0, "caption", "Describe the image.", "A red circle.", "a"),  # a caption mentioning colour: never repeated
+            (1, "vqa", "What colour is the square?", "blue", "b#q0"),
+            (1, "vqa", "How many red shapes are there?", "one", "b#q1")]
+    examples = SimpleNamespace(rows=rows, __len__=lambda: len(rows))
+    subset = repeat_questions(examples, {"(?i)colou?r": 3, "(?i)how many": 2, "square": 4})
+    listed = [rows[i][4] for i in subset.indices]
+    assert {key: listed.count(key) for key in dict.fromkeys(listed)} == {
+        "a#q0": 3, "a#q1": 1, "a": 1, "b#q0": 4, "b#q1": 2}  # the largest matching count wins
+    assert repeat_questions(examples, {}) is examples
+    for bad, message in [({"colou?r(": 2}, "not a regular expression"), ({"color": 0}, "whole number"),
+                         ({"color": 1.5}, "whole number"), ({"zebra": 2}, "match(es) no question")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            repeat_questions(examples, bad)

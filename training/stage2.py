@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -81,6 +81,9 @@ DEFAULTS = {
         "feature_dtype": "float16",
         "max_target_tokens": 32,
         "with_captions": False,  # vqa: also train on the captions (keeps the model's captioning while it learns VQA)
+        # vqa: draw the questions matching a regular expression more often, e.g. {"(?i)colou?r": 3}: a skill that
+        # is a small share of the questions (easy-vqa: 13% colour, 73% yes/no) is otherwise learnt last.
+        "repeat_questions": {},
         "augment": False,  # vision_finetune only: random resized crop + flip (left/right swapped in the text)
     },
     "optim": dict(STAGE1_DEFAULTS["optim"]),
@@ -184,6 +187,37 @@ class Examples(Dataset):
         feature_index, kind, prompt, target, id_ = self.rows[index]
         item = self.features[feature_index]
         return {"image_embeds": item["image_embeds"], "kind": kind, "prompt": prompt, "target": target, "id": id_}
+
+
+def repeat_questions(examples: Examples, rules: dict) -> Dataset:
+    """``examples`` with each question listed ``times`` times when it matches a rule ``{regex: times}`` (the largest
+    of the matching rules' counts; captions and non-matching questions once). A rule that matches no question is an
+    error: it is a typo, or a data source is missing."""
+    if not rules:
+        return examples
+    compiled = []
+    for pattern, times in rules.items():
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"data.repeat_questions: {pattern!r} is not a regular expression ({exc}).") from None
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ConfigError(f"data.repeat_questions[{pattern!r}] must be a whole number >= 1, not {times!r}.")
+        compiled.append((pattern, regex, times))
+    counts, matched = [], Counter()
+    for _, kind, prompt, _, _ in examples.rows:
+        times = 1
+        if kind == "vqa":
+            for pattern, regex, n in compiled:
+                if regex.search(prompt):
+                    matched[pattern] += 1
+                    times = max(times, n)
+        counts.append(times)
+    unmatched = [pattern for pattern, _, _ in compiled if not matched[pattern]]
+    if unmatched:
+        raise ConfigError(f"data.repeat_questions: {unmatched} match(es) no question in the data.")
+    logger.info("repeat_questions: %s", {p: (matched[p], n) for p, _, n in compiled})
+    return Subset(examples, [i for i, n in enumerate(counts) for _ in range(n)])
 
 
 class RawExamples(Dataset):
@@ -427,6 +461,8 @@ def run(cfg: dict, resume: bool = False) -> dict:
     if vision_state:  # a checkpoint whose image encoder was fine-tuned
         encoder.load_state_dict(vision_state)
     d = cfg["data"]
+    if d["repeat_questions"] and task != "vqa":
+        raise ConfigError(f"data.repeat_questions is for the vqa task; this run's task is {task!r}.")
     vision = cfg["vision_finetune"]
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
@@ -479,6 +515,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         skipped.update(build_skipped)
         encoder = None  # features are cached: free the tower
         train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
+        train_set = repeat_questions(train_set, d["repeat_questions"])
         source_count = len(features)
 
         def collate(batch):
