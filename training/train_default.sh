@@ -17,7 +17,7 @@ run_step runs/stage1_default python -m training stage1 --config training/configs
 run_step runs/default_stage2 python -m training stage2 --config training/configs/default_stage2.yaml
 run_step runs/default_vqa python -m training finetune --task vqa --config training/configs/default_vqa.yaml
 
-python -m training eval --task vqa --checkpoint runs/default_vqa/checkpoint --data easyvqa:test --protocol greedy
+python -m training eval --task vqa --checkpoint runs/default_vqa/checkpoint --data easyvqa:test --protocol greedy --limit 2000
 python -m training eval-retrieval --checkpoint runs/stage1_default/stage1 --data tuxpaint:test
 rm -rf assets/default.new && cp -r runs/default_vqa/checkpoint assets/default.new
 rm -rf assets/default && mv assets/default.new assets/default
