@@ -100,6 +100,17 @@ def build_source(spec: dict, transform=None):
     raise ConfigError(f"Unknown data source type {kind!r}; use scenes, manifest, tuxpaint or easyvqa.")
 
 
+def check_repeat_count(name: str, times) -> None:
+    """A repeat count from a config (``data.repeat``, ``data.repeat_questions``) must be a whole number >= 1."""
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, not {times!r}.")
+
+
+def repeat_items(dataset, counts: list[int]) -> Subset:
+    """``dataset`` with item i listed ``counts[i]`` times (the engine's sampler then draws it that much more often)."""
+    return Subset(dataset, [i for i, times in enumerate(counts) for _ in range(times)])
+
+
 def repeat_by_source(dataset, repeat: dict) -> Subset:
     """``dataset`` (items with a "source") with each item of source s listed ``repeat[s]`` times."""
     sources = [item.get("source", "") for item in dataset.items]
@@ -107,9 +118,8 @@ def repeat_by_source(dataset, repeat: dict) -> Subset:
     if unknown:
         raise ConfigError(f"data.repeat names source(s) {unknown} that the data does not have; it has {sorted(set(sources))}.")
     for name, times in repeat.items():
-        if not isinstance(times, int) or times < 1:
-            raise ConfigError(f"data.repeat.{name} must be a whole number >= 1, not {times!r}.")
-    return Subset(dataset, [i for i, source in enumerate(sources) for _ in range(repeat.get(source, 1))])
+        check_repeat_count(f"data.repeat.{name}", times)
+    return repeat_items(dataset, [repeat.get(source, 1) for source in sources])
 
 
 def parse_data_arg(text: str) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -49,7 +49,7 @@ from .engine import fit, make_accelerator
 from .features import cached_dataset
 from .stage1 import DEFAULTS as STAGE1_DEFAULTS
 from .stage1 import build_model as build_stage1_model
-from .stage1 import build_source, load_qformer_tokenizer, load_stage1, loop_config
+from .stage1 import build_source, check_repeat_count, load_qformer_tokenizer, load_stage1, loop_config, repeat_items
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +201,7 @@ def repeat_questions(examples: Examples, rules: dict) -> Dataset:
             regex = re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"data.repeat_questions: {pattern!r} is not a regular expression ({exc}).") from None
-        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
-            raise ConfigError(f"data.repeat_questions[{pattern!r}] must be a whole number >= 1, not {times!r}.")
+        check_repeat_count(f"data.repeat_questions[{pattern!r}]", times)
         compiled.append((pattern, regex, times))
     counts, matched = [], Counter()
     for _, kind, prompt, _, _ in examples.rows:
@@ -217,7 +216,7 @@ def repeat_questions(examples: Examples, rules: dict) -> Dataset:
     if unmatched:
         raise ConfigError(f"data.repeat_questions: {unmatched} match(es) no question in the data.")
     logger.info("repeat_questions: %s", {p: (matched[p], n) for p, _, n in compiled})
-    return Subset(examples, [i for i, n in enumerate(counts) for _ in range(n)])
+    return repeat_items(examples, counts)
 
 
 class RawExamples(Dataset):
