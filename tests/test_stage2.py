@@ -373,3 +373,37 @@ def test_repeat_questions_lists_matching_questions_more_often():
                          ({"color": 1.5}, "whole number"), ({"zebra": 2}, "match(es) no question")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             repeat_questions(examples, bad)
+
+
+def test_balance_yes_no_evens_out_answers_per_source_and_polarity():
+    from types import SimpleNamespace
+
+    from training.config import ConfigError
+    from training.stage2 import repeat_questions
+
+    rows = ([(i, "vqa", "is there a red shape?", "no", f"easy-vqa/train/{i}#q0") for i in range(6)]
+            + [(6, "vqa", "is there a blue shape?", "yes", "easy-vqa/train/6#q0")]
+            + [(i, "vqa", "is there not a circle?", "yes", f"easy-vqa/train/{i}#q1") for i in range(3)]
+            + [(3, "vqa", "is there not a square?", "no", "easy-vqa/train/3#q1")]
+            + [(7, "vqa", "Is there a red circle?", "yes", "scenes/0/7#q0"),  # another source, already balanced
+               (7, "vqa", "Is there a green circle?", "no", "scenes/0/7#q1"),
+               (7, "vqa", "What colour is the circle?", "red", "scenes/0/7#q2"),
+               (7, "caption", "Describe the image.", "no", "scenes/0/7")])  # a caption is never repeated
+    examples = SimpleNamespace(rows=rows, __len__=lambda: len(rows))
+    listed = [rows[i][4] for i in repeat_questions(examples, {}, balance_yes_no=True).indices]
+    tally = {}
+    for i in set(repeat_questions(examples, {}, balance_yes_no=True).indices):
+        source, negated = rows[i][4].split("/")[0], " not " in rows[i][2]
+        if rows[i][3] in ("yes", "no") and rows[i][1] == "vqa":
+            key = (source, negated, rows[i][3])
+            tally[key] = tally.get(key, 0) + listed.count(rows[i][4])
+    assert tally == {("easy-vqa", False, "no"): 6, ("easy-vqa", False, "yes"): 6,  # the one "yes" listed 6 times
+                     ("easy-vqa", True, "yes"): 3, ("easy-vqa", True, "no"): 3,
+                     ("scenes", False, "yes"): 1, ("scenes", False, "no"): 1}
+    assert listed.count("scenes/0/7#q2") == 1 and listed.count("scenes/0/7") == 1
+    # with a rule too, the larger count wins: the colour question 4x, the rare "yes" still 6x
+    both = [rows[i][4] for i in repeat_questions(examples, {"(?i)colou?r|blue": 4}, balance_yes_no=True).indices]
+    assert both.count("scenes/0/7#q2") == 4 and both.count("easy-vqa/train/6#q0") == 6
+    no_yes_no = SimpleNamespace(rows=rows[-2:], __len__=lambda: 2)
+    with pytest.raises(ConfigError, match="no yes/no questions"):
+        repeat_questions(no_yes_no, {}, balance_yes_no=True)

@@ -521,3 +521,32 @@ def test_concat_and_loader_workers_report_skips(tmp_path):
         texts += batch["texts"]
         skipped += batch["skipped"]
     assert skipped == Counter(broken_image=3) and len(texts) == 7 and texts[:3] == ["fine"] * 3
+
+
+def test_fine_tuned_encoder_features_get_their_own_cache(tmp_path, lite0, one_thread):
+    """A checkpoint whose image encoder was fine-tuned must not reuse the pretrained encoder's cached features."""
+    from types import SimpleNamespace
+
+    from training.features import cached_dataset, weights_digest
+
+    (tmp_path / "img").mkdir()
+    _png(tmp_path / "img" / "0.png", (200, 30, 30), size=(32, 32))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "img/0.png", "caption": "red"}))
+    ds = D.ManifestDataset(tmp_path / "m.jsonl")
+    data_cfg = {"cache_dir": str(tmp_path / "cache"), "sources": [{"type": "manifest"}], "feature_dtype": "float32"}
+    main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+
+    pretrained_state = {k: v.clone() for k, v in lite0.state_dict().items()}
+    assert weights_digest(pretrained_state) == weights_digest(lite0.state_dict())
+    pretrained, _ = cached_dataset(ds, lite0, data_cfg, tmp_path, main)
+    with torch.no_grad():
+        lite0.net._conv_head.weight.mul_(1.5)  # "fine-tuned"
+    tuned_state = lite0.state_dict()
+    assert weights_digest(tuned_state) != weights_digest(pretrained_state)
+    tuned, _ = cached_dataset(ds, lite0, data_cfg, tmp_path, main, encoder_weights=weights_digest(tuned_state))
+    assert tuned.path != pretrained.path
+    with torch.inference_mode():
+        direct = lite0(lite0.preprocess([next(iter(D.iter_items(ds)))["image"]]))[0]
+    torch.testing.assert_close(tuned[0]["image_embeds"], direct, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(pretrained[0]["image_embeds"], direct, rtol=1e-3, atol=1e-3)
+    lite0.load_state_dict(pretrained_state)  # the fixture is shared

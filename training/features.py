@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .data import collate_pairs
 
-__all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "cached_dataset", "collate_features"]
+__all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "cached_dataset", "collate_features",
+           "weights_digest"]
 
 FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -245,12 +246,27 @@ def collate_features(batch) -> dict:
             "texts": [b["text"] for b in batch], "ids": [b["id"] for b in batch]}
 
 
-def cached_dataset(dataset, encoder, data_cfg: dict, default_dir, accelerator) -> tuple[CachedFeatureDataset, dict]:
-    """The training runs' cache step: the main process builds the cache of ``dataset`` (keyed by the encoder and the
-    config's data sources) unless a complete one exists, the others wait; returns the cached dataset and what the
+def weights_digest(state_dict: dict) -> str:
+    """A short hash of a state dict's names, dtypes, shapes and values: tells fine-tuned weights of one encoder spec
+    apart (the spec names only the architecture and its pretrained weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_dataset(dataset, encoder, data_cfg: dict, default_dir, accelerator,
+                   encoder_weights: str | None = None) -> tuple[CachedFeatureDataset, dict]:
+    """The training runs' cache step: the main process builds the cache of ``dataset`` (keyed by the encoder, the
+    config's data sources and, for an encoder whose weights were fine-tuned, their :func:`weights_digest` passed as
+    ``encoder_weights``) unless a complete one exists, the others wait; returns the cached dataset and what the
     build skipped (by reason)."""
-    cache = FeatureCache.for_encoder(data_cfg["cache_dir"] or default_dir, encoder,
-                                     tag=json.dumps(data_cfg["sources"], sort_keys=True))
+    tag = json.dumps(data_cfg["sources"], sort_keys=True)
+    if encoder_weights:
+        tag += f"|weights:{encoder_weights}"
+    cache = FeatureCache.for_encoder(data_cfg["cache_dir"] or default_dir, encoder, tag=tag)
     skipped: dict = {}
     if accelerator.is_main_process and not cache.is_complete():
         skipped = cache.build(dataset, encoder, dtype=getattr(torch, data_cfg["feature_dtype"])).get("skipped", {})

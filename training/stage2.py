@@ -46,7 +46,7 @@ from . import data as datasets
 from . import distributed as dist
 from .config import ConfigError, dump_config
 from .engine import fit, make_accelerator
-from .features import cached_dataset
+from .features import cached_dataset, weights_digest
 from .stage1 import DEFAULTS as STAGE1_DEFAULTS
 from .stage1 import build_model as build_stage1_model
 from .stage1 import build_source, check_repeat_count, load_qformer_tokenizer, load_stage1, loop_config, repeat_items
@@ -84,6 +84,10 @@ DEFAULTS = {
         # vqa: draw the questions matching a regular expression more often, e.g. {"(?i)colou?r": 3}: a skill that
         # is a small share of the questions (easy-vqa: 13% colour, 73% yes/no) is otherwise learnt last.
         "repeat_questions": {},
+        # vqa: list the yes/no questions whose answer is the rarer one (per source, negated questions apart) so
+        # that yes and no are equally frequent; otherwise "is there a blue shape?" -> "no" is right 85% of the
+        # time on easy-vqa without looking at the image, and that prior is what a model learns first.
+        "balance_yes_no": False,
         "augment": False,  # vision_finetune only: random resized crop + flip (left/right swapped in the text)
     },
     "optim": dict(STAGE1_DEFAULTS["optim"]),
@@ -189,11 +193,41 @@ class Examples(Dataset):
         return {"image_embeds": item["image_embeds"], "kind": kind, "prompt": prompt, "target": target, "id": id_}
 
 
-def repeat_questions(examples: Examples, rules: dict) -> Dataset:
-    """``examples`` with each question listed ``times`` times when it matches a rule ``{regex: times}`` (the largest
-    of the matching rules' counts; captions and non-matching questions once). A rule that matches no question is an
-    error: it is a typo, or a data source is missing."""
-    if not rules:
+NEGATION = re.compile(r"\b(?:not|no|never|n't)\b", re.IGNORECASE)
+
+
+def yes_no_balance_counts(rows: list[tuple]) -> tuple[list[int], dict]:
+    """How many times to list each row so yes and no answers are equally frequent within each group of yes/no
+    questions (group: the row's source, the part of its id before the first "/", and whether the question is
+    negated). The rarer answer's rows get round(majority / minority); everything else 1. Also returns a summary
+    {group: (yes, no, times)} for the log."""
+    groups: dict[tuple, Counter] = {}
+    for _, kind, prompt, target, id_ in rows:
+        answer = target.strip().lower().rstrip(".")
+        if kind == "vqa" and answer in ("yes", "no"):
+            key = (id_.split("/", 1)[0], bool(NEGATION.search(prompt)))
+            groups.setdefault(key, Counter())[answer] += 1
+    boost: dict[tuple, tuple[str, int]] = {}
+    for key, count in groups.items():
+        if count["yes"] and count["no"]:
+            rare, common = sorted(("yes", "no"), key=lambda a: count[a])
+            boost[key] = (rare, max(1, round(count[common] / count[rare])))
+    counts = []
+    for _, kind, prompt, target, id_ in rows:
+        key = (id_.split("/", 1)[0], bool(NEGATION.search(prompt)))
+        rare, times = boost.get(key, ("", 1))
+        counts.append(times if kind == "vqa" and target.strip().lower().rstrip(".") == rare else 1)
+    summary = {f"{source}{' (negated)' if negated else ''}": (c["yes"], c["no"], boost.get((source, negated), ("", 1))[1])
+               for (source, negated), c in groups.items()}
+    return counts, summary
+
+
+def repeat_questions(examples: Examples, rules: dict, balance_yes_no: bool = False) -> Dataset:
+    """``examples`` with each question listed ``times`` times when it matches a rule ``{regex: times}`` or, with
+    ``balance_yes_no``, when its answer is the rarer of yes/no in its group (:func:`yes_no_balance_counts`); the
+    largest count wins, captions and other questions are listed once. A rule that matches no question is an error:
+    it is a typo, or a data source is missing."""
+    if not rules and not balance_yes_no:
         return examples
     compiled = []
     for pattern, times in rules.items():
@@ -215,7 +249,14 @@ def repeat_questions(examples: Examples, rules: dict) -> Dataset:
     unmatched = [pattern for pattern, _, _ in compiled if not matched[pattern]]
     if unmatched:
         raise ConfigError(f"data.repeat_questions: {unmatched} match(es) no question in the data.")
-    logger.info("repeat_questions: %s", {p: (matched[p], n) for p, _, n in compiled})
+    if compiled:
+        logger.info("repeat_questions: %s", {p: (matched[p], n) for p, _, n in compiled})
+    if balance_yes_no:
+        balance, summary = yes_no_balance_counts(examples.rows)
+        if not summary:
+            raise ConfigError("data.balance_yes_no: the data has no yes/no questions.")
+        logger.info("balance_yes_no (yes, no, times the rarer is listed): %s", summary)
+        counts = [max(a, b) for a, b in zip(counts, balance)]
     return repeat_items(examples, counts)
 
 
@@ -460,8 +501,11 @@ def run(cfg: dict, resume: bool = False) -> dict:
     if vision_state:  # a checkpoint whose image encoder was fine-tuned
         encoder.load_state_dict(vision_state)
     d = cfg["data"]
-    if d["repeat_questions"] and task != "vqa":
-        raise ConfigError(f"data.repeat_questions is for the vqa task; this run's task is {task!r}.")
+    if not isinstance(d["balance_yes_no"], bool):
+        raise ConfigError(f"data.balance_yes_no must be true or false, not {d['balance_yes_no']!r}.")
+    for key in ("repeat_questions", "balance_yes_no"):
+        if d[key] and task != "vqa":
+            raise ConfigError(f"data.{key} is for the vqa task; this run's task is {task!r}.")
     vision = cfg["vision_finetune"]
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
@@ -510,11 +554,14 @@ def run(cfg: dict, resume: bool = False) -> dict:
             raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true).")
         sources = [build_source(s) for s in d["sources"]]
         dataset = sources[0] if len(sources) == 1 else datasets.ConcatPairs(sources)
-        features, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator)
+        # Features of a fine-tuned encoder (a vision_finetune checkpoint) are not the pretrained encoder's: key them
+        # by the weights too.
+        features, build_skipped = cached_dataset(dataset, encoder, d, output_dir / "features", accelerator,
+                                                 encoder_weights=weights_digest(vision_state) if vision_state else None)
         skipped.update(build_skipped)
         encoder = None  # features are cached: free the tower
         train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
-        train_set = repeat_questions(train_set, d["repeat_questions"])
+        train_set = repeat_questions(train_set, d["repeat_questions"], d["balance_yes_no"])
         source_count = len(features)
 
         def collate(batch):
