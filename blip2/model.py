@@ -318,7 +318,9 @@ class Blip2(nn.Module):
         """Validate an image (path, bytes, PIL, numpy) and return (cache key, (1, Q, H_llm) query embeddings),
         cached by content (and, for an instruction-aware Q-Former, by the instruction) so a conversation about one
         picture runs the towers once."""
-        pil = load_image(image)
+        return self._encode_loaded(load_image(image), instruction)
+
+    def _encode_loaded(self, pil, instruction: str | None) -> tuple[str, torch.Tensor]:
         key = image_digest(pil)
         if self.instruction_aware:  # the soft prompt depends on the text too: key caches (and KV prefixes) by both
             key += ":" + hashlib.sha256((instruction or "").encode()).hexdigest()[:16]
@@ -357,7 +359,11 @@ class Blip2(nn.Module):
 
     def chat(self, image, history: Sequence, message: str, *, stream: bool = False, **decoding):
         """Reply to ``message`` about ``image`` after earlier ``history`` turns (pairs of (user, assistant) text,
-        or role/content dicts). Returns the reply text, or a :class:`TextStream` with ``stream=True``."""
+        or role/content dicts). Returns the reply text, or a :class:`TextStream` with ``stream=True``.
+
+        An instruction-aware Q-Former reads the user message of the turn the image sits in (the first turn kept in
+        the prompt), as in training; so every turn of a conversation shows the LLM the same soft prompt, and the
+        key/values of the earlier turns stay valid for the next one."""
         turns = _as_turns(history)
 
         def render(drop: int, cut: int) -> Rendered:
@@ -365,23 +371,31 @@ class Blip2(nn.Module):
                 turns[drop:], _cut(message, cut), self.tokenizer, mark_replies=self._can_reuse_replies
             )
 
+        def instruction(dropped: int) -> str:
+            return turns[dropped][0] if dropped < len(turns) else message
+
         if stream:  # chat front ends stream; the next turn is prepared in the stream's worker once the reply is out
-            return self._start(image, render, len(turns), message, decoding, self._next_turn_prefill(turns, message))
+            return self._start(image, render, len(turns), instruction, decoding, self._next_turn_prefill(turns, message))
         # Without a stream (batch jobs, ask(), evaluation) nobody is reading while we could prefill: no follow-up.
-        return self._generate_ids(*self._prepare(image, render, len(turns), message, decoding), None, threading.Event()).text
+        return self._generate_ids(*self._prepare(image, render, len(turns), instruction, decoding), None,
+                                  threading.Event()).text
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _prepare(self, image, render, num_turns: int, message: str, decoding: dict) -> tuple:
-        """Validate settings and image, encode it (cached), render and fit the prompt: every error surfaces here,
-        in the caller's thread, before any generation starts."""
+    def _prepare(self, image, render, num_turns: int, instruction, decoding: dict) -> tuple:
+        """Validate settings and image, render and fit the prompt, encode the image (cached): every error surfaces
+        here, in the caller's thread, before any generation starts. ``instruction`` is the text an
+        instruction-aware Q-Former reads: the message, or a function of the number of turns dropped to fit."""
         settings = Decoding.from_kwargs(**decoding)
         t0 = time.perf_counter()
-        digest, queries = self.encode_image(image, message)  # the message matters only to an instruction-aware Q-Former
+        pil = load_image(image)
+        message = instruction(num_turns) if callable(instruction) else instruction  # the newest message
         ids, dropped, cut = self._fit(render, num_turns, message, settings)
+        text = instruction(dropped) if callable(instruction) else instruction
+        digest, queries = self._encode_loaded(pil, text)  # the text matters only to an instruction-aware Q-Former
         return digest, queries, ids, settings, t0, dropped, cut
 
-    def _start(self, image, render, num_turns: int, message: str, decoding: dict, follow_up=None) -> TextStream:
-        prepared = self._prepare(image, render, num_turns, message, decoding)
+    def _start(self, image, render, num_turns: int, instruction, decoding: dict, follow_up=None) -> TextStream:
+        prepared = self._prepare(image, render, num_turns, instruction, decoding)
         settings = prepared[3]
         cancel = threading.Event()
         streamer = None
@@ -520,7 +534,7 @@ class Blip2(nn.Module):
         by rendering the next turn with two different placeholder messages and keeping their common token
         prefix; the next turn reuses it only where its real ids match (``_reusable_cache``), so a wrong guess
         costs a few tokens of work, never a wrong answer. None where the prefix cannot be reused."""
-        if not self._can_reuse_replies or self.instruction_aware:  # no reuse / the soft prompt depends on the message
+        if not self._can_reuse_replies:
             return None
 
         def prefill(digest: str, reply: Reply) -> None:

@@ -203,6 +203,39 @@ def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tm
         assert key1 != key2 and not torch.allclose(q1, q2)
         assert model.encode_image(picture, "How many shapes are there?")[1] is q1
         assert (out / "checkpoint" / "qformer_tokenizer" / "tokenizer.json").exists()
+        # In a chat the soft prompt is the first turn's (its message is the instruction), so turn 2 reuses turn 1's
+        # key/values, soft prompt included, and answers exactly as a fresh model does.
+        model.clear_caches()
+        first = model.chat(picture, [], "How many shapes are there?", stream=True, max_new_tokens=3, min_new_tokens=3)
+        reply1 = (list(first), first.wait())[1]
+        history = [("How many shapes are there?", reply1.text)]
+        second = model.chat(picture, history, "What color is the circle?", stream=True, max_new_tokens=3)
+        reply2 = (list(second), second.wait())[1]
+        assert reply2.reused_prefix_tokens > model.num_query_tokens
+        assert list(model._query_cache) == [key1]  # only the first turn's (image, message) was encoded
+        model.clear_caches()
+        assert model.chat(picture, history, "What color is the circle?", max_new_tokens=3) == reply2.text
+    if kind == "opt":  # an instruction-aware fine-tune of this (text-less) stage-2 checkpoint
+        from safetensors.torch import load_file
+
+        from training.stage1 import load_stage1
+
+        aware_out = tmp_path / "aware"
+        train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml",
+              f"init_from={out / 'checkpoint'}", f"llm={llm}", f"output_dir={aware_out}", f"data.cache_dir={cache}",
+              "qformer_text_input=true", "train.steps=2", "train.log_every=1", "optim.lr=1e-9", "optim.min_lr=1e-9",
+              "export.dtype=float32")
+        stage2_weights = load_file(out / "checkpoint" / "trained.safetensors")
+        aware_weights = load_file(aware_out / "checkpoint" / "trained.safetensors")
+        stage1_qformer = load_stage1(stage1)[0].qformer.state_dict()
+        # The text FFNs come from stage 1; everything stage 2 trained (attention output projections too) stays.
+        text_ffn = [k for k in aware_weights if re.search(r"\.layer\.\d+\.(intermediate|output)\.", k)]
+        assert text_ffn and all(torch.allclose(aware_weights[k], stage1_qformer[k[len("qformer."):]]) for k in text_ffn)
+        attention_out = [k for k in stage2_weights if "attention.output." in k]
+        assert attention_out and all(torch.allclose(aware_weights[k], stage2_weights[k].float(), atol=1e-6)
+                                     for k in attention_out)
+        assert not all(torch.allclose(stage2_weights[k].float(), stage1_qformer[k[len("qformer."):]], atol=1e-6)
+                       for k in attention_out)  # stage 2 did move them: the check above can fail
     if task.startswith("vqa"):  # fine-tuning continues from the checkpoint it wrote
         again = tmp_path / "again"
         train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml",

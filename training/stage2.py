@@ -425,7 +425,10 @@ def build(cfg: dict, language_model, image_token_id: int, encoder_dim: int) -> t
             stage1, _ = load_stage1(stage1_dir)
             text_tokenizer = load_qformer_tokenizer(str(Path(stage1_dir) / "tokenizer"))
             embeddings = stage1.embeddings
-            text_ffn = {k: v for k, v in stage1.qformer.state_dict().items() if ".intermediate." in k or ".output." in k}
+            # The text FFNs only (layer.N.intermediate / layer.N.output), not the attention blocks' own output
+            # projections ("attention.output.", "crossattention.output."), which stage 2 trained.
+            text_ffn = {k: v for k, v in stage1.qformer.state_dict().items()
+                        if re.search(r"\.layer\.\d+\.(?:intermediate|output)\.", k)}
             weights.update({f"qformer.{k}": v for k, v in text_ffn.items()})
             weights.update({f"qformer_embeddings.{k}": v for k, v in embeddings.state_dict().items()})
         model = Stage2Model(nn.Parameter(torch.zeros(1, ck.num_query_tokens, qconfig.hidden_size)),
