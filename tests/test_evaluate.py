@@ -38,6 +38,8 @@ def test_vqa_accuracy_and_breakdown():
     result = evaluate_vqa(model, examples, {"num_beams": 5})
     assert result["accuracy"] == 50.0 and result["count"] == 4  # "Yes." normalises to "yes"; 2 of 4 right
     assert result["by_answer_kind"]["yes/no"] == {"accuracy": 50.0, "count": 2}
+    assert result["yes_no_by_right_answer"] == {"yes": {"accuracy": 100.0, "count": 1},
+                                                "no": {"accuracy": 0.0, "count": 1}}
     assert result["by_answer_kind"]["shape"]["accuracy"] == 0.0
     assert result["by_answer_kind"]["colour/other"]["accuracy"] == 100.0
     assert model.calls == [{"num_beams": 5}] * 4  # the protocol's decoding reaches the model

@@ -63,14 +63,19 @@ def caption_examples(spec: dict, limit: int | None) -> list[dict]:
 
 def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     per_kind: dict[str, list[float]] = defaultdict(list)
+    # Yes/no scores by the right answer: a model that answers from the question alone is right on one side only.
+    per_yes_no: dict[str, list[float]] = defaultdict(list)
     scores, samples = [], []
     start = time.perf_counter()
     for ex in tqdm(examples, desc="vqa", unit="q"):
         prediction = model.ask(ex["image"], ex["question"], **decoding)
         score = vqa_accuracy(prediction, ex["answers"])
         scores.append(score)
-        kind = EASY_VQA_KINDS.get(normalize_vqa_answer(ex["answers"][0]), "colour/other")
+        reference = normalize_vqa_answer(ex["answers"][0])
+        kind = EASY_VQA_KINDS.get(reference, "colour/other")
         per_kind[kind].append(score)
+        if reference in ("yes", "no"):
+            per_yes_no[reference].append(score)
         if len(samples) < 25:
             samples.append({"image_id": ex["image_id"], "question": ex["question"], "answers": ex["answers"],
                             "prediction": prediction, "score": score})
@@ -78,6 +83,8 @@ def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     return {
         "accuracy": 100.0 * sum(scores) / max(1, len(scores)), "count": len(scores),
         "by_answer_kind": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)} for k, v in sorted(per_kind.items())},
+        "yes_no_by_right_answer": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)}
+                                   for k, v in sorted(per_yes_no.items())},
         "seconds": round(seconds, 1), "questions_per_s": round(len(scores) / max(seconds, 1e-9), 2), "samples": samples,
     }
 
