@@ -32,14 +32,14 @@ def test_vqa_accuracy_and_breakdown():
         {"image": "a", "image_id": "a", "question": "q1", "answers": ["yes"]},
         {"image": "a", "image_id": "a", "question": "q2", "answers": ["circle"]},
         {"image": "b", "image_id": "b", "question": "q3", "answers": ["red"]},
-        {"image": "b", "image_id": "b", "question": "q4", "answers": ["no"]},
+        {"image": "b", "image_id": "b", "question": "is there not a q4?", "answers": ["no"]},
     ]
-    model = Oracle({"q1": "Yes.", "q2": "a triangle", "q3": "red", "q4": "yes"})
+    model = Oracle({"q1": "Yes.", "q2": "a triangle", "q3": "red", "is there not a q4?": "yes"})
     result = evaluate_vqa(model, examples, {"num_beams": 5})
     assert result["accuracy"] == 50.0 and result["count"] == 4  # "Yes." normalises to "yes"; 2 of 4 right
     assert result["by_answer_kind"]["yes/no"] == {"accuracy": 50.0, "count": 2}
-    assert result["yes_no_by_right_answer"] == {"yes": {"accuracy": 100.0, "count": 1},
-                                                "no": {"accuracy": 0.0, "count": 1}}
+    assert result["yes_no_by_polarity_and_answer"] == {"plain question, answer yes": {"accuracy": 100.0, "count": 1},
+                                                       "negated question, answer no": {"accuracy": 0.0, "count": 1}}
     assert result["by_answer_kind"]["shape"]["accuracy"] == 0.0
     assert result["by_answer_kind"]["colour/other"]["accuracy"] == 100.0
     assert model.calls == [{"num_beams": 5}] * 4  # the protocol's decoding reaches the model

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import EasyVQAQuestions, iter_items
-from .metrics import caption_scores, normalize_vqa_answer, vqa_accuracy
+from .metrics import NEGATION, caption_scores, normalize_vqa_answer, vqa_accuracy
 from .stage1 import build_source, parse_data_arg
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def caption_examples(spec: dict, limit: int | None) -> list[dict]:
 
 def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     per_kind: dict[str, list[float]] = defaultdict(list)
-    # Yes/no scores by the right answer: a model that answers from the question alone is right on one side only.
+    # Yes/no scores by question polarity and right answer: a model that answers from the wording alone ("is there
+    # a ...?" -> no, "is there not a ...?" -> yes) is right in two of the four groups and wrong in the other two.
     per_yes_no: dict[str, list[float]] = defaultdict(list)
     scores, samples = [], []
     start = time.perf_counter()
@@ -75,7 +76,8 @@ def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
         kind = EASY_VQA_KINDS.get(reference, "colour/other")
         per_kind[kind].append(score)
         if reference in ("yes", "no"):
-            per_yes_no[reference].append(score)
+            polarity = "negated" if NEGATION.search(ex["question"]) else "plain"
+            per_yes_no[f"{polarity} question, answer {reference}"].append(score)
         if len(samples) < 25:
             samples.append({"image_id": ex["image_id"], "question": ex["question"], "answers": ex["answers"],
                             "prediction": prediction, "score": score})
@@ -83,8 +85,8 @@ def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     return {
         "accuracy": 100.0 * sum(scores) / max(1, len(scores)), "count": len(scores),
         "by_answer_kind": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)} for k, v in sorted(per_kind.items())},
-        "yes_no_by_right_answer": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)}
-                                   for k, v in sorted(per_yes_no.items())},
+        "yes_no_by_polarity_and_answer": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)}
+                                          for k, v in sorted(per_yes_no.items())},
         "seconds": round(seconds, 1), "questions_per_s": round(len(scores) / max(seconds, 1e-9), 2), "samples": samples,
     }
 

@@ -47,6 +47,7 @@ from . import distributed as dist
 from .config import ConfigError, dump_config
 from .engine import fit, make_accelerator
 from .features import cached_dataset, weights_digest
+from .metrics import NEGATION
 from .stage1 import DEFAULTS as STAGE1_DEFAULTS
 from .stage1 import build_model as build_stage1_model
 from .stage1 import build_source, check_repeat_count, load_qformer_tokenizer, load_stage1, loop_config, repeat_items
@@ -191,9 +192,6 @@ class Examples(Dataset):
         feature_index, kind, prompt, target, id_ = self.rows[index]
         item = self.features[feature_index]
         return {"image_embeds": item["image_embeds"], "kind": kind, "prompt": prompt, "target": target, "id": id_}
-
-
-NEGATION = re.compile(r"\b(?:not|no|never|n't)\b", re.IGNORECASE)
 
 
 def yes_no_balance_counts(rows: list[tuple]) -> tuple[list[int], dict]:
