@@ -70,3 +70,11 @@ def test_eval_cli_on_a_tiny_checkpoint(our_checkpoint, tmp_path):
             assert 0.0 <= data["accuracy"] <= 100.0 and len(data["samples"]) == data["count"]
         else:
             assert "CIDEr" in data and len(data["samples"]) == 3
+
+
+def test_sample_table_cells_stay_on_one_row():
+    from training.samples import table_cell
+
+    assert table_cell("Aard\n\nAarda is a | b ") == "Aard ⏎ Aarda is a / b"
+    assert table_cell(" \n") == "(empty)"
+    assert "\n" not in table_cell("one\r\ntwo\rthree")

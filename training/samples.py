@@ -19,6 +19,11 @@ def photo(name: str):
     return Image.fromarray(pixels).convert("RGB")
 
 
+def table_cell(text: str) -> str:
+    """A model output as one Markdown table cell: line breaks shown as ⏎ (a raw one would end the row), pipes as /."""
+    return " ⏎ ".join(line.strip() for line in text.replace("|", "/").splitlines() if line.strip()) or "(empty)"
+
+
 def main(argv=None) -> None:
     import blip2
 
@@ -32,7 +37,7 @@ def main(argv=None) -> None:
     for name in PHOTOS:
         image = photo(name)
         cells = [model.caption(image, max_new_tokens=30)] + [model.ask(image, q, max_new_tokens=10) for q in QUESTIONS]
-        print(f"| `{name}` | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        print(f"| `{name}` | " + " | ".join(table_cell(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":
