@@ -343,10 +343,11 @@ class Blip2(nn.Module):
     def generate_reply(self, image, prompt: str | None = None, **decoding) -> Reply:
         """Like :meth:`generate`, returning the :class:`Reply` (token ids, counts, timings). Runs in the calling
         thread with no streamer: the plain path for batch jobs and benchmarks."""
-        return self._generate_ids(*self._prepare(image, self._raw(prompt), 0, prompt or "", decoding), None, threading.Event())
+        return self._generate_ids(*self._prepare(image, self._raw(prompt), 0, lambda _: prompt or "", decoding), None,
+                                  threading.Event())
 
     def stream(self, image, prompt: str | None = None, **decoding) -> TextStream:
-        return self._start(image, self._raw(prompt), 0, prompt or "", decoding)
+        return self._start(image, self._raw(prompt), 0, lambda _: prompt or "", decoding)
 
     def _raw(self, prompt: str | None):
         return lambda drop, cut: self.prompt_format.raw(_cut(prompt or "", cut), self.tokenizer)
@@ -383,15 +384,14 @@ class Blip2(nn.Module):
     # -- internals -------------------------------------------------------------------------------------------
     def _prepare(self, image, render, num_turns: int, instruction, decoding: dict) -> tuple:
         """Validate settings and image, render and fit the prompt, encode the image (cached): every error surfaces
-        here, in the caller's thread, before any generation starts. ``instruction`` is the text an
-        instruction-aware Q-Former reads: the message, or a function of the number of turns dropped to fit."""
+        here, in the caller's thread, before any generation starts. ``instruction(dropped)`` is the text an
+        instruction-aware Q-Former reads once ``dropped`` turns were dropped to fit (``num_turns``: the message)."""
         settings = Decoding.from_kwargs(**decoding)
         t0 = time.perf_counter()
         pil = load_image(image)
-        message = instruction(num_turns) if callable(instruction) else instruction  # the newest message
-        ids, dropped, cut = self._fit(render, num_turns, message, settings)
-        text = instruction(dropped) if callable(instruction) else instruction
-        digest, queries = self._encode_loaded(pil, text)  # the text matters only to an instruction-aware Q-Former
+        ids, dropped, cut = self._fit(render, num_turns, instruction(num_turns), settings)
+        # The text matters only to an instruction-aware Q-Former.
+        digest, queries = self._encode_loaded(pil, instruction(dropped))
         return digest, queries, ids, settings, t0, dropped, cut
 
     def _start(self, image, render, num_turns: int, instruction, decoding: dict, follow_up=None) -> TextStream:

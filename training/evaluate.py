@@ -61,6 +61,10 @@ def caption_examples(spec: dict, limit: int | None) -> list[dict]:
     return list(by_image.values())[:limit]
 
 
+def accuracy_by_group(scores: dict[str, list[float]]) -> dict:
+    return {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)} for k, v in sorted(scores.items())}
+
+
 def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     per_kind: dict[str, list[float]] = defaultdict(list)
     # Yes/no scores by question polarity and right answer: a model that answers from the wording alone ("is there
@@ -84,9 +88,8 @@ def evaluate_vqa(model, examples: list[dict], decoding: dict) -> dict:
     seconds = time.perf_counter() - start
     return {
         "accuracy": 100.0 * sum(scores) / max(1, len(scores)), "count": len(scores),
-        "by_answer_kind": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)} for k, v in sorted(per_kind.items())},
-        "yes_no_by_polarity_and_answer": {k: {"accuracy": 100.0 * sum(v) / len(v), "count": len(v)}
-                                          for k, v in sorted(per_yes_no.items())},
+        "by_answer_kind": accuracy_by_group(per_kind),
+        "yes_no_by_polarity_and_answer": accuracy_by_group(per_yes_no),
         "seconds": round(seconds, 1), "questions_per_s": round(len(scores) / max(seconds, 1e-9), 2), "samples": samples,
     }
 

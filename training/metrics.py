@@ -28,12 +28,12 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # VQA accuracy (VQA v2 vqaEval.py)
 
-# processPunctuation: these characters are deleted or turned into a space; "." and "'" are not in the list ("."
-# has its own rule; "'" must survive for the contractions below).
 # A yes/no question that asks about absence ("is there not a circle?", "is no circle present?"): its answers are
 # the other way round, so training data and evaluation keep negated questions apart.
 NEGATION = re.compile(r"\b(?:not|no|never|n't)\b", re.IGNORECASE)
 
+# processPunctuation: these characters are deleted or turned into a space; "." and "'" are not in the list ("."
+# has its own rule; "'" must survive for the contractions below).
 _VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _VQA_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)": its "(?!<=\d)" is a typo for a lookbehind and never rejects

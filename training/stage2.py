@@ -86,7 +86,7 @@ DEFAULTS = {
         # is a small share of the questions (easy-vqa: 13% colour, 73% yes/no) is otherwise learnt last.
         "repeat_questions": {},
         # vqa: list the yes/no questions whose answer is the rarer one (per source, negated questions apart) so
-        # that yes and no are equally frequent; otherwise "is there a blue shape?" -> "no" is right 85% of the
+        # that yes and no are equally frequent; otherwise "is there a blue shape?" -> "no" is right 82% of the
         # time on easy-vqa without looking at the image, and that prior is what a model learns first.
         "balance_yes_no": False,
         "augment": False,  # vision_finetune only: random resized crop + flip (left/right swapped in the text)
@@ -199,22 +199,27 @@ def yes_no_balance_counts(rows: list[tuple]) -> tuple[list[int], dict]:
     questions (group: the row's source, the part of its id before the first "/", and whether the question is
     negated). The rarer answer's rows get round(majority / minority); everything else 1. Also returns a summary
     {group: (yes, no, times)} for the log."""
-    groups: dict[tuple, Counter] = {}
-    for _, kind, prompt, target, id_ in rows:
+
+    def group_and_answer(row) -> tuple[tuple, str] | None:
+        _, kind, prompt, target, id_ = row
         answer = target.strip().lower().rstrip(".")
-        if kind == "vqa" and answer in ("yes", "no"):
-            key = (id_.split("/", 1)[0], bool(NEGATION.search(prompt)))
-            groups.setdefault(key, Counter())[answer] += 1
+        if kind != "vqa" or answer not in ("yes", "no"):
+            return None
+        return (id_.split("/", 1)[0], bool(NEGATION.search(prompt))), answer
+
+    labelled = [group_and_answer(row) for row in rows]
+    groups: dict[tuple, Counter] = {}
+    for key, answer in filter(None, labelled):
+        groups.setdefault(key, Counter())[answer] += 1
     boost: dict[tuple, tuple[str, int]] = {}
     for key, count in groups.items():
         if count["yes"] and count["no"]:
             rare, common = sorted(("yes", "no"), key=lambda a: count[a])
             boost[key] = (rare, max(1, round(count[common] / count[rare])))
     counts = []
-    for _, kind, prompt, target, id_ in rows:
-        key = (id_.split("/", 1)[0], bool(NEGATION.search(prompt)))
-        rare, times = boost.get(key, ("", 1))
-        counts.append(times if kind == "vqa" and target.strip().lower().rstrip(".") == rare else 1)
+    for label in labelled:
+        rare, times = boost.get(label[0], ("", 1)) if label else ("", 1)
+        counts.append(times if label and label[1] == rare else 1)
     summary = {f"{source}{' (negated)' if negated else ''}": (c["yes"], c["no"], boost.get((source, negated), ("", 1))[1])
                for (source, negated), c in groups.items()}
     return counts, summary
