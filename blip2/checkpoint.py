@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ class CheckpointConfig:
     # Instruction-aware Q-Former: the user's text enters the Q-Former too (its embeddings are trained weights and
     # its tokenizer is saved in qformer_tokenizer/).
     qformer_text_input: bool = False
+    # Instruction-aware only: the Q-Former's word embeddings and text FFNs are this BERT checkpoint's, unchanged
+    # (trained frozen), so they are referenced like the other frozen parts instead of stored: for all-MiniLM-L6-v2
+    # that is 16M of a 26M-parameter Q-Former. None: they were trained and are in trained.safetensors.
+    qformer_text_frozen_from: str | None = None
     # The image encoder was fine-tuned too (captioning, paper Table 7): its weights are in trained.safetensors under
     # "vision." and replace the referenced pretrained ones.
     vision_trained: bool = False
@@ -101,13 +106,44 @@ def trained_prefixes(config: CheckpointConfig | None = None) -> tuple[str, ...]:
 
 
 def trained_state_dict(model, config: CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
-    """The parts training changes, as contiguous CPU tensors."""
+    """The parts training changes, as contiguous CPU tensors (without the text weights a checkpoint references,
+    see ``CheckpointConfig.qformer_text_frozen_from``)."""
     prefixes = trained_prefixes(config)
+    referenced = config is not None and config.qformer_text_frozen_from is not None
     return {
         name: tensor.detach().to("cpu").contiguous()
         for name, tensor in model.state_dict().items()
-        if name.startswith(prefixes)
+        if name.startswith(prefixes) and not (referenced and is_text_only_weight(name))
     }
+
+
+# The instruction-aware Q-Former's weights that only text positions use and that a BERT checkpoint has under
+# another name: the word embeddings and each layer's text FFN (the query FFNs are "intermediate_query" /
+# "output_query"; attention is shared by queries and text, so it is never text-only).
+_TEXT_ONLY = re.compile(r"^(?:qformer_embeddings\.word_embeddings\.|qformer\.encoder\.layer\.\d+\.(?:intermediate|output)\.)")
+
+
+def is_text_only_weight(name: str) -> bool:
+    return bool(_TEXT_ONLY.match(name))
+
+
+def bert_text_weights(source: str, num_layers: int) -> dict[str, torch.Tensor]:
+    """A BERT checkpoint's word embeddings and first ``num_layers`` FFNs under our model's names (the text-only
+    weights of an instruction-aware Q-Former initialised from it). ``source``: folder, hub id or ``package:``."""
+    from .llm import local_source
+
+    state = load_prefixed_state_dict(local_source(source), "")
+    state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+    out = {}
+    try:
+        out["qformer_embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"]
+        for layer in range(num_layers):
+            for part in ("intermediate.dense", "output.dense", "output.LayerNorm"):
+                for p in ("weight", "bias"):
+                    out[f"qformer.encoder.layer.{layer}.{part}.{p}"] = state[f"encoder.layer.{layer}.{part}.{p}"]
+    except KeyError as exc:
+        raise CheckpointError(f"{source} is not a BERT checkpoint with {num_layers} layers: it has no {exc}.") from None
+    return out
 
 
 def save_checkpoint(model, folder: str | os.PathLike, config: CheckpointConfig, *, dtype: torch.dtype | None = None) -> Path:

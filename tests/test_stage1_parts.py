@@ -124,3 +124,34 @@ def test_unquoted_no_for_mixed_precision_means_no():
     cfg = load_config(None, ["train.mixed_precision=no"], DEFAULTS)
     assert cfg["train"]["mixed_precision"] is False
     assert make_accelerator(cfg["train"]["mixed_precision"]).mixed_precision == "no"
+
+
+def test_freeze_text_keeps_berts_text_weights_through_training():
+    """qformer.freeze_text: word embeddings and text FFNs stay exactly BERT's (what an instruction-aware model
+    then references, blip2.checkpoint.bert_text_weights) while the rest of the Q-Former trains."""
+    from blip2.checkpoint import bert_text_weights
+    from training.engine import LoopConfig, param_groups
+
+    cfg = load_config(None, ["qformer.init=bert", "qformer.num_hidden_layers=2", "qformer.freeze_text=true",
+                             "qformer.num_query_tokens=4"], DEFAULTS)
+    tokenizer = load_qformer_tokenizer(MINILM)
+    model = build_model(cfg, tokenizer, encoder_dim=1280)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(param_groups(model, LoopConfig(steps=1, batch_size=2, lr=1e-3, weight_decay=0.05)))
+    tokens = tokenizer(["a red circle", "a blue square"], padding=True, return_tensors="pt")
+    for _ in range(2):
+        losses = model(torch.randn(2, 49, 1280), tokens["input_ids"], tokens["attention_mask"],
+                       image_ids=torch.tensor([1, 2]))
+        optimizer.zero_grad()
+        losses.loss.backward()
+        optimizer.step()
+    after = dict(model.named_parameters())
+    reference = bert_text_weights(MINILM, 2)
+    words = reference.pop("qformer_embeddings.word_embeddings.weight")
+    assert torch.equal(after["embeddings.word_embeddings.weight"][: words.shape[0]], words)
+    for name, tensor in reference.items():
+        assert torch.equal(after[name], tensor), name
+    assert not torch.equal(after["qformer.encoder.layer.0.attention.attention.query.weight"],
+                           before["qformer.encoder.layer.0.attention.attention.query.weight"])
+    assert not torch.equal(after["qformer.encoder.layer.0.intermediate_query.dense.weight"],
+                           before["qformer.encoder.layer.0.intermediate_query.dense.weight"])

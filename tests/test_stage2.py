@@ -249,6 +249,40 @@ def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tm
 
 
 @pytest.mark.slow
+def test_aware_finetune_with_frozen_bert_text_weights_references_them(stage1_tiny, tmp_path):
+    """qformer_text_frozen_from: the text positions use a BERT checkpoint's word embeddings and FFNs, untouched by
+    training and not stored in the export; blip2 loads them back from that checkpoint; fine-tuning the export
+    again keeps them frozen."""
+    from safetensors.torch import load_file
+
+    import blip2
+    from blip2.checkpoint import bert_text_weights, is_text_only_weight
+    from test_checkpoint import _tiny_bert
+
+    stage1, cache = stage1_tiny
+    bert = _tiny_bert(tmp_path / "bert", hidden=64, layers=2, intermediate=128)  # stage1_tiny's Q-Former sizes
+    llm = build_tiny_text_llm(tmp_path / "llm", "chat")
+    out = tmp_path / "run"
+    train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}",
+          f"llm={llm}", f"output_dir={out}", f"data.cache_dir={cache}", "train.steps=4", "optim.lr=3e-3",
+          "qformer_text_input=true", f"qformer_text_frozen_from={bert}", "export.dtype=float32")
+    stored = load_file(out / "checkpoint" / "trained.safetensors")
+    assert stored and not [k for k in stored if is_text_only_weight(k)]
+    model = blip2.load(str(out / "checkpoint"), precision="fp32", device="cpu")
+    state, reference = model.state_dict(), bert_text_weights(str(bert), 2)
+    assert all(torch.equal(state[k], v) for k, v in reference.items())  # frozen through training, then referenced
+    assert len(model.qformer_tokenizer) == 30522  # BERT's own tokenizer (stage 1's adds [DEC])
+    assert model.instruction_aware
+    again = tmp_path / "again"
+    train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml", f"init_from={out / 'checkpoint'}",
+          f"llm={llm}", f"output_dir={again}", f"data.cache_dir={cache}", "train.steps=2", "optim.lr=3e-3",
+          "qformer_text_input=true", f"qformer_text_frozen_from={bert}", "export.dtype=float32")
+    after = load_file(again / "checkpoint" / "trained.safetensors")
+    assert after.keys() == stored.keys()
+    assert not all(torch.equal(after[k], stored[k]) for k in stored)  # the trained parts did train
+
+
+@pytest.mark.slow
 def test_eva_vit_run_is_also_exported_in_the_official_format(opt_checkpoint, tmp_path):
     """Stage 2 on an official checkpoint's EVA ViT (tiny) with a Q-Former from BERT-style scratch init: the run
     writes official/ that plain transformers loads, and it generates exactly what blip2 serves."""

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 from transformers import AutoTokenizer, Blip2QFormerConfig
 
+from blip2.checkpoint import is_text_only_weight
 from blip2.encoders import build_encoder
 from blip2.llm import local_source
 
@@ -58,6 +59,10 @@ DEFAULTS = {
         # Image features into the Q-Former: "none" (raw, official BLIP-2) | "layernorm" (per token; for towers with
         # tiny raw features such as EfficientNet, see blip2.model.normalize_image_features).
         "image_feature_norm": "none",
+        # init=bert only: keep BERT's word embeddings and the text FFNs frozen, exactly BERT's. An instruction-aware
+        # model fine-tuned from this stage 1 then uses the very text weights stage 1 was trained with and can
+        # reference them instead of storing them (stage 2's qformer_text_frozen_from).
+        "freeze_text": False,
         # The ITC text feature: "cls" (the paper's [CLS] output) | "mean" (mean over the text's tokens, the pooling
         # of sentence-embedding checkpoints such as all-MiniLM-L6-v2).
         "text_pooling": "cls",
@@ -190,6 +195,13 @@ def build_model(cfg: dict, tokenizer, encoder_dim: int) -> Stage1QFormer:
     )
     if bert_state is not None:
         model.pretrained_names = set(load_bert_weights(model, bert_state))
+    if q.get("freeze_text"):
+        if bert_state is None:
+            raise ConfigError("qformer.freeze_text keeps BERT's text weights: it needs qformer.init: bert.")
+        for name, param in model.named_parameters():
+            # (The ITG head's decoder is tied to the word embeddings, so it stays BERT's too; its bias trains.)
+            if name == "embeddings.word_embeddings.weight" or is_text_only_weight(name):
+                param.requires_grad_(False)
     return model
 
 
