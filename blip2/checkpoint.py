@@ -127,23 +127,30 @@ def is_text_only_weight(name: str) -> bool:
     return bool(_TEXT_ONLY.match(name))
 
 
+BERT_FFN_PARTS = ("intermediate.dense", "output.dense", "output.LayerNorm")
+
+
+def bert_text_only(bert: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A BERT state dict's word embeddings and first ``num_layers`` FFNs (a ``bert.`` prefix is allowed) under the
+    names of an instruction-aware Q-Former's text-only weights. Raises KeyError naming a missing BERT weight."""
+    if not any(k.startswith("embeddings.") for k in bert):
+        bert = {k[len("bert."):]: v for k, v in bert.items() if k.startswith("bert.")}
+    out = {"qformer_embeddings.word_embeddings.weight": bert["embeddings.word_embeddings.weight"]}
+    for layer in range(num_layers):
+        for part in BERT_FFN_PARTS:
+            for p in ("weight", "bias"):
+                out[f"qformer.encoder.layer.{layer}.{part}.{p}"] = bert[f"encoder.layer.{layer}.{part}.{p}"]
+    return out
+
+
 def bert_text_weights(source: str, num_layers: int) -> dict[str, torch.Tensor]:
-    """A BERT checkpoint's word embeddings and first ``num_layers`` FFNs under our model's names (the text-only
-    weights of an instruction-aware Q-Former initialised from it). ``source``: folder, hub id or ``package:``."""
+    """:func:`bert_text_only` of a BERT checkpoint: ``source`` is a folder, hub id or ``package:``."""
     from .llm import local_source
 
-    state = load_prefixed_state_dict(local_source(source), "")
-    state = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
-    out = {}
     try:
-        out["qformer_embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"]
-        for layer in range(num_layers):
-            for part in ("intermediate.dense", "output.dense", "output.LayerNorm"):
-                for p in ("weight", "bias"):
-                    out[f"qformer.encoder.layer.{layer}.{part}.{p}"] = state[f"encoder.layer.{layer}.{part}.{p}"]
+        return bert_text_only(load_prefixed_state_dict(local_source(source), ""), num_layers)
     except KeyError as exc:
         raise CheckpointError(f"{source} is not a BERT checkpoint with {num_layers} layers: it has no {exc}.") from None
-    return out
 
 
 def save_checkpoint(model, folder: str | os.PathLike, config: CheckpointConfig, *, dtype: torch.dtype | None = None) -> Path:

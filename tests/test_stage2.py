@@ -78,7 +78,7 @@ def test_loss_is_transformers_lm_loss_on_targets_only(llm):
     b = builder_for(kind, tok)
     batch = b.collate([b.example("vqa", "is it round?", "yes"), b.example("vqa", "what shape is in the image?", "a big circle")])
     image = torch.randn(2, 5, 8)
-    loss_sum, count = model(image, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss_sum, count, *_ = model(image, batch["input_ids"], batch["attention_mask"], batch["labels"])
     # Reference: the same embeddings through transformers with its own labels-based loss (mean over labelled tokens).
     embeds = lm.get_input_embeddings()(batch["input_ids"])
     embeds = embeds.masked_scatter((batch["input_ids"] == model.image_token_id)[..., None], model.soft_prompt(image))
@@ -98,8 +98,8 @@ def test_padding_and_prompt_do_not_reach_the_loss(llm):
     padded = b.collate([b.example("vqa", "is it round?", "yes"),
                         b.example("vqa", "what shape is in the image, would you say?", "a circle")])
     image = torch.randn(2, 5, 8)
-    one, n1 = model(image[:1], **short)
-    two, _ = model(image[:1], padded["input_ids"][:1], padded["attention_mask"][:1], padded["labels"][:1])
+    one, n1, *_ = model(image[:1], **short)
+    two, *_ = model(image[:1], padded["input_ids"][:1], padded["attention_mask"][:1], padded["labels"][:1])
     assert float(one) == pytest.approx(float(two), rel=1e-5) and int(n1) > 0
 
 
@@ -108,7 +108,7 @@ def test_only_trained_parts_get_gradients(llm):
     model = tiny_model(lm, tok)
     b = builder_for(kind, tok)
     batch = b.collate([b.example("caption", "", "a red circle")])
-    loss, count = model(torch.randn(1, 5, 8), **batch)
+    loss, count, *_ = model(torch.randn(1, 5, 8), **batch)
     (loss / count).backward()
     assert model.query_tokens.grad is not None and model.language_projection.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in lm.parameters())
@@ -174,6 +174,51 @@ def test_instruction_aware_qformer_reads_the_text():
     short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
     assert torch.allclose(run_qformer(qformer, queries, image[:1], embeddings, padded),
                           run_qformer(qformer, queries, image[:1], embeddings, short), atol=1e-6)  # padding hidden
+
+
+def test_yes_no_labels_follow_the_answer_of_questions_only():
+    from training.stage2 import yes_no_labels
+
+    batch = [{"kind": "vqa", "target": "yes"}, {"kind": "vqa", "target": "No."}, {"kind": "vqa", "target": "red"},
+             {"kind": "caption", "target": "no"}]
+    assert yes_no_labels(batch).tolist() == [1, 0, -100, -100]
+
+
+def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm):
+    """The auxiliary loss is the cross-entropy of head(mean of the query outputs) on the yes/no questions only, and
+    the head stays in the graph on a batch without any (distributed training needs every parameter used)."""
+    from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+    from training.config import ConfigError
+    from training.stage2 import LMLoss
+
+    kind, _, lm, tok = llm
+    with pytest.raises(ConfigError, match="instruction-aware"):
+        tiny_model(lm, tok).add_yes_no_head()
+    torch.manual_seed(0)
+    config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                encoder_hidden_size=8, cross_attention_frequency=1, use_qformer_text_input=True,
+                                vocab_size=50)
+    model = Stage2Model(nn.Parameter(torch.randn(1, Q, 16)), Blip2QFormerModel(config), lm, placeholder_token_id(tok),
+                        Blip2TextEmbeddings(config)).eval()
+    model.add_yes_no_head()
+    b = builder_for(kind, tok)
+    batch = b.collate([b.example("vqa", "is it round?", "yes"), b.example("vqa", "what colour?", "red"),
+                       b.example("vqa", "is it blue?", "no")])
+    text = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0], [5, 6, 10]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])}
+    image = torch.randn(3, 5, 8)
+    out = model(image, **batch, qformer_text=text, yes_no=torch.tensor([1, -100, 0]))
+    logits = model.yes_no_head(model.query_outputs(image, text).mean(dim=1))
+    reference = -(torch.log_softmax(logits, -1)[0, 1] + torch.log_softmax(logits, -1)[2, 0])
+    assert float(out.yes_no_sum) == pytest.approx(float(reference), rel=1e-5) and int(out.yes_no_count) == 2
+    lm_only = model(image, **batch, qformer_text=text)  # no labels: the LM loss alone, unchanged
+    assert lm_only.yes_no_sum is None and torch.equal(lm_only.lm_sum, out.lm_sum)
+    losses = LMLoss(out.lm_sum / out.lm_count, out.yes_no_sum / out.yes_no_count, aux_weight=0.5)
+    assert float(losses.loss) == pytest.approx(float(out.lm_sum / out.lm_count + 0.5 * reference / 2), rel=1e-5)
+    none = model(image, **batch, qformer_text=text, yes_no=torch.full((3,), -100))
+    assert float(none.yes_no_sum) == 0 and int(none.yes_no_count) == 0
+    (none.lm_sum + none.yes_no_sum).backward()
+    assert model.yes_no_head.weight.grad is not None and not model.yes_no_head.weight.grad.any()
 
 
 @pytest.mark.slow
@@ -273,12 +318,17 @@ def test_aware_finetune_with_frozen_bert_text_weights_references_them(stage1_tin
     assert all(torch.equal(state[k], v) for k, v in reference.items())  # frozen through training, then referenced
     assert len(model.qformer_tokenizer) == 30522  # BERT's own tokenizer (stage 1's adds [DEC])
     assert model.instruction_aware
-    again = tmp_path / "again"
+    again = tmp_path / "again"  # with the auxiliary yes/no classifier: trained, logged, never exported
     train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml", f"init_from={out / 'checkpoint'}",
           f"llm={llm}", f"output_dir={again}", f"data.cache_dir={cache}", "train.steps=2", "optim.lr=3e-3",
-          "qformer_text_input=true", f"qformer_text_frozen_from={bert}", "export.dtype=float32")
+          "qformer_text_input=true", f"qformer_text_frozen_from={bert}", "export.dtype=float32",
+          "yes_no_aux_weight=1.0", "train.log_every=1")
     after = load_file(again / "checkpoint" / "trained.safetensors")
     assert after.keys() == stored.keys()
+    with open(again / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["loss"]) == pytest.approx(float(r["lm"]) + float(r["yes_no"]), rel=1e-4) for r in rows)
+    assert any(float(r["yes_no"]) > 0 for r in rows)
     assert not all(torch.equal(after[k], stored[k]) for k in stored)  # the trained parts did train
 
 

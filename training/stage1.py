@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 from transformers import AutoTokenizer, Blip2QFormerConfig
 
-from blip2.checkpoint import is_text_only_weight
+from blip2.checkpoint import bert_text_only, is_text_only_weight
 from blip2.encoders import build_encoder
 from blip2.llm import local_source
 
@@ -218,7 +219,11 @@ def load_bert_weights(model: Stage1QFormer, bert: dict[str, torch.Tensor]) -> li
         state[ours] = tensor.to(target.dtype)
         loaded.append(ours)
 
-    put("embeddings.word_embeddings.weight", bert["embeddings.word_embeddings.weight"])
+    text = bert_text_only(bert, model.config.num_hidden_layers)
+    put("embeddings.word_embeddings.weight", text.pop("qformer_embeddings.word_embeddings.weight"))
+    for name, tensor in text.items():  # each layer's FFN, into both the text and the query branch
+        put(name, tensor)
+        put(re.sub(r"\.(intermediate|output)\.", r".\1_query.", name), tensor)
     # BERT adds a token-type embedding to every token; with a single type it is a constant, folded into positions.
     positions = bert["embeddings.position_embeddings.weight"] + bert["embeddings.token_type_embeddings.weight"][0]
     put("embeddings.position_embeddings.weight", positions[: state["embeddings.position_embeddings.weight"].shape[0]])
@@ -232,10 +237,6 @@ def load_bert_weights(model: Stage1QFormer, bert: dict[str, torch.Tensor]) -> li
         for p in ("weight", "bias"):
             put(f"{dst}attention.output.dense.{p}", bert[f"{src}attention.output.dense.{p}"])
             put(f"{dst}attention.output.LayerNorm.{p}", bert[f"{src}attention.output.LayerNorm.{p}"])
-            for branch in ("", "_query"):
-                put(f"{dst}intermediate{branch}.dense.{p}", bert[f"{src}intermediate.dense.{p}"])
-                put(f"{dst}output{branch}.dense.{p}", bert[f"{src}output.dense.{p}"])
-                put(f"{dst}output{branch}.LayerNorm.{p}", bert[f"{src}output.LayerNorm.{p}"])
     model.load_state_dict(state)
     return loaded
 

@@ -26,6 +26,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,11 @@ DEFAULTS = {
     # checkpoint then references them instead of storing them (MiniLM: 16M parameters, 33 MB in bf16). null: the
     # text parts come from the init checkpoint and are trained.
     "qformer_text_frozen_from": None,
+    # vqa, instruction-aware only: weight of an auxiliary loss that asks a linear classifier on the mean query
+    # output for the answer of each yes/no question. The LM loss through a frozen small LLM hardly reaches the
+    # Q-Former's query-text comparison (README model card); this gives it a direct signal. Training only: the
+    # classifier is not exported, the LLM still answers.
+    "yes_no_aux_weight": 0.0,
     "prompt": None,  # null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict
     "data": {
         "sources": [{"type": "scenes", "n": 64, "seed": 0}],
@@ -305,6 +311,24 @@ def encoder_depth(encoder) -> int:
 
 
 # -- model -----------------------------------------------------------------------------------------------------
+class Stage2Losses(NamedTuple):
+    """Summed LM token cross-entropy and its token count; with a yes/no classifier also its summed cross-entropy
+    and the number of yes/no questions it was asked (``None`` without one)."""
+    lm_sum: torch.Tensor
+    lm_count: torch.Tensor
+    yes_no_sum: torch.Tensor | None = None
+    yes_no_count: torch.Tensor | None = None
+
+
+YES_NO_CLASSES = {"no": 0, "yes": 1}
+
+
+def yes_no_labels(batch: list[dict]) -> torch.Tensor:
+    """Per example: 1 for a question answered "yes", 0 for "no", -100 (ignored) for anything else."""
+    return torch.tensor([YES_NO_CLASSES.get(b["target"].strip().lower().rstrip("."), -100) if b["kind"] == "vqa"
+                         else -100 for b in batch])
+
+
 class Stage2Model(nn.Module):
     """Query tokens + Q-Former + projection (trained) in front of a frozen LLM. Names match ``blip2.Blip2`` and
     transformers' ``Blip2ForConditionalGeneration``, so ``blip2.checkpoint.save_checkpoint`` exports it as is."""
@@ -324,28 +348,48 @@ class Stage2Model(nn.Module):
         object.__setattr__(self, "language_model", language_model.requires_grad_(False).eval())
         self.image_token_id = image_token_id
         self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
+        self.yes_no_head: nn.Linear | None = None  # training-only classifier (yes_no_aux_weight); never exported
+
+    def add_yes_no_head(self) -> None:
+        if self.qformer_embeddings is None:
+            raise ConfigError("yes_no_aux_weight needs an instruction-aware Q-Former (qformer_text_input=true): "
+                              "without the question the queries cannot know the answer.")
+        self.yes_no_head = nn.Linear(self.qformer.config.hidden_size, len(YES_NO_CLASSES))
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.language_model.eval()  # frozen: no dropout, ever
         return self
 
+    def query_outputs(self, image_embeds: torch.Tensor, qformer_text: dict | None = None) -> torch.Tensor:
+        """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H)
+        query outputs, computed by the serving code's own Q-Former pass."""
+        return run_qformer(self.qformer, self.query_tokens, image_embeds.to(self.query_tokens.dtype),
+                           self.qformer_embeddings, qformer_text, image_norm=self.image_feature_norm)
+
     def soft_prompt(self, image_embeds: torch.Tensor, qformer_text: dict | None = None) -> torch.Tensor:
-        """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H_llm)
-        projected query outputs, computed by the serving code's own Q-Former pass."""
-        out = run_qformer(self.qformer, self.query_tokens, image_embeds.to(self.query_tokens.dtype),
-                          self.qformer_embeddings, qformer_text, image_norm=self.image_feature_norm)
-        return self.language_projection(out)
+        """The projected query outputs: (B, Q, H_llm)."""
+        return self.language_projection(self.query_outputs(image_embeds, qformer_text))
 
     def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None,
-                pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                pixel_values: torch.Tensor | None = None, yes_no: torch.Tensor | None = None) -> Stage2Losses:
         """Summed token cross-entropy over the labelled target tokens, and their count. With a fine-tuned image
-        encoder (``self.vision``) pass ``pixel_values`` instead of cached ``image_embeds``."""
+        encoder (``self.vision``) pass ``pixel_values`` instead of cached ``image_embeds``. With a yes/no head and
+        ``yes_no`` (per example 0 = no, 1 = yes, -100 = not a yes/no question) also the classifier's loss."""
         if pixel_values is not None:
             image_embeds = self.vision(pixel_values)
         embed = self.language_model.get_input_embeddings()
         text = embed(input_ids)
-        queries = self.soft_prompt(image_embeds, qformer_text).to(text.dtype)
+        query_out = self.query_outputs(image_embeds, qformer_text)
+        queries = self.language_projection(query_out).to(text.dtype)
+        yes_no_sum = yes_no_count = None
+        if self.yes_no_head is not None and yes_no is not None:
+            # Over the whole batch with ignore_index, so the head is in the graph even when no example is yes/no
+            # (distributed training needs every trained parameter used in every step).
+            yes_no = yes_no.to(query_out.device)
+            yes_no_sum = F.cross_entropy(self.yes_no_head(query_out.mean(dim=1)).float(), yes_no,
+                                         ignore_index=-100, reduction="sum")
+            yes_no_count = (yes_no != -100).sum()
         positions = input_ids == self.image_token_id
         if int(positions.sum()) != queries.shape[0] * queries.shape[1]:
             raise ValueError("Every example needs exactly num_query_tokens image positions in its input ids.")
@@ -364,15 +408,20 @@ class Stage2Model(nn.Module):
             targets = targets[keep]
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")
-        return loss_sum, (targets != -100).sum()
+        return Stage2Losses(loss_sum, (targets != -100).sum(), yes_no_sum, yes_no_count)
 
 
 class LMLoss:
-    def __init__(self, loss: torch.Tensor):
-        self.loss = loss
+    """The LM loss, plus ``aux_weight`` times the yes/no classifier's loss when there is one."""
+
+    def __init__(self, lm: torch.Tensor, yes_no: torch.Tensor | None = None, aux_weight: float = 0.0):
+        self.lm, self.yes_no = lm, yes_no
+        self.loss = lm if yes_no is None else lm + aux_weight * yes_no
 
     def items(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach())}
+        if self.yes_no is None:
+            return {"loss": float(self.loss.detach())}
+        return {"loss": float(self.loss.detach()), "lm": float(self.lm.detach()), "yes_no": float(self.yes_no.detach())}
 
 
 def qformer_config_dict(config: Blip2QFormerConfig | dict) -> dict:
@@ -554,6 +603,13 @@ def run(cfg: dict, resume: bool = False) -> dict:
     for key in ("repeat_questions", "balance_yes_no"):
         if d[key] and task != "vqa":
             raise ConfigError(f"data.{key} is for the vqa task; this run's task is {task!r}.")
+    aux_weight = cfg["yes_no_aux_weight"]
+    if not isinstance(aux_weight, (int, float)) or isinstance(aux_weight, bool) or aux_weight < 0:
+        raise ConfigError(f"yes_no_aux_weight must be a number >= 0, not {aux_weight!r}.")
+    if aux_weight:
+        if task != "vqa":
+            raise ConfigError(f"yes_no_aux_weight is for the vqa task; this run's task is {task!r}.")
+        model.add_yes_no_head()
     vision = cfg["vision_finetune"]
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
@@ -568,6 +624,8 @@ def run(cfg: dict, resume: bool = False) -> dict:
         if model.qformer_tokenizer is not None:  # the text the serving code gives the Q-Former: the user's message
             out["qformer_text"] = dict(model.qformer_tokenizer([b["prompt"] for b in batch], padding="longest",
                                        truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"))
+        if model.yes_no_head is not None:
+            out["yes_no"] = yes_no_labels(batch)
         return out
 
     lr_scale = None
@@ -626,10 +684,14 @@ def run(cfg: dict, resume: bool = False) -> dict:
         device = accelerator.device
         pixels = batch["pixel_values"].to(device) if "pixel_values" in batch else None
         embeds = batch["image_embeds"].to(device) if "image_embeds" in batch else None
-        loss_sum, count = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels)
-        # Mean over every target token of the global batch: N processes train exactly like one.
-        return LMLoss(dist.global_token_mean(loss_sum, count))
+        out = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels,
+                    yes_no=batch.get("yes_no"))
+        # Means over every target token (and yes/no question) of the global batch: N processes train exactly like one.
+        lm = dist.global_token_mean(out.lm_sum, out.lm_count)
+        if out.yes_no_sum is None:
+            return LMLoss(lm)
+        return LMLoss(lm, dist.global_token_mean(out.yes_no_sum, out.yes_no_count), aux_weight)
 
     qconfig = qformer_config_dict(model.qformer.config)
 
