@@ -46,6 +46,14 @@ def test_vqa_accuracy_and_breakdown():
     assert [s["score"] for s in result["samples"]] == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_negated_questions_are_recognised():
+    from training.metrics import NEGATION
+
+    negated = ["Is there not a circle?", "Doesn't the image contain a red shape?", "Is no shape blue?", "NOT red?"]
+    plain = ["Is there a circle?", "Is the knot red?", "Is it nothing?", "Is there a notebook?"]
+    assert all(NEGATION.search(q) for q in negated) and not any(NEGATION.search(q) for q in plain)
+
+
 def test_caption_scores_come_from_the_metric():
     examples = [{"image": "x", "image_id": "x", "references": ["a red circle", "a red round shape"]},
                 {"image": "y", "image_id": "y", "references": ["two blue squares"]}]

@@ -30,7 +30,8 @@ __all__ = [
 
 # A yes/no question that asks about absence ("is there not a circle?", "is no circle present?"): its answers are
 # the other way round, so training data and evaluation keep negated questions apart.
-NEGATION = re.compile(r"\b(?:not|no|never|n't)\b", re.IGNORECASE)
+# "n't" sits inside a word ("doesn't"), so it cannot start at a word boundary.
+NEGATION = re.compile(r"\b(?:not|no|never)\b|n't\b", re.IGNORECASE)
 
 # processPunctuation: these characters are deleted or turned into a space; "." and "'" are not in the list ("."
 # has its own rule; "'" must survive for the contractions below).
