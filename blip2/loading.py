@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import compute
 from .checkpoint import (
     QFORMER_TOKENIZER_DIR,
     CheckpointConfig,
@@ -73,13 +74,20 @@ def load(
     in the official transformers BLIP-2 format, or a folder in our own checkpoint format.
     ``precision``: fp32 | bf16 | fp16 | int8 | nf4 | auto. ``device``: auto | cpu | cuda | cuda:N.
     """
+    # On the thread that will run the model (blip2.compute): loading is torch work too.
+    model = compute.run(_load, source, precision, device, low_memory)
+    if source == "default" and model.info.untrained:
+        warnings.warn(UNTRAINED_NOTE, stacklevel=2)  # here, in the caller's thread, pointing at the caller
+    return model
+
+
+def _load(source: str, precision: str, device: str, low_memory: bool) -> Blip2:
     plan = resolve(precision, device, low_memory=low_memory)
     if source == "default":
         if is_our_checkpoint(DEFAULT_CHECKPOINT):
             model = _load_ours(DEFAULT_CHECKPOINT, plan, label="default")
             model.info.notes.append(DEFAULT_NOTE)
             return model
-        warnings.warn(UNTRAINED_NOTE, stacklevel=2)
         return _build_ours(default_config(), None, plan, label="default (untrained)")
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():

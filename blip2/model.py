@@ -31,6 +31,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from . import compute
 from .decoding import Decoding
 from .encoders import ImageEncoder
 from .errors import PromptTooLongError
@@ -155,11 +156,10 @@ class TextStream:
         self._streamer = streamer
         self._result: dict = {}
         self._done = threading.Event()
-        # Not a daemon: the interpreter waits for it at exit rather than killing it inside a torch kernel or the
-        # follow-up (which aborts the process: "terminate called without an active exception"). Cancelled or
-        # consumed streams end within a token; an abandoned one finishes its reply first.
-        self._thread = threading.Thread(target=self._work, args=(start, follow_up), daemon=False)
-        self._thread.start()
+        # On blip2's compute thread (see blip2.compute), which the interpreter waits for at exit rather than
+        # killing it inside a torch kernel or the follow-up (that aborts the process: "terminate called without an
+        # active exception"). Cancelled or consumed streams end within a token; an abandoned one finishes its reply.
+        self._job = compute.submit(self._work, start, follow_up)
 
     def _work(self, start, follow_up):
         try:
@@ -193,7 +193,7 @@ class TextStream:
 
     def wait(self) -> Reply | None:
         """Wait until the worker is finished, follow-up work included; returns the reply."""
-        self._thread.join()
+        self._job.result()
         return self.reply
 
     @property
@@ -295,6 +295,7 @@ class Blip2(nn.Module):
     def instruction_aware(self) -> bool:
         return self.qformer_embeddings is not None
 
+    @compute.on_compute
     @torch.inference_mode()
     def query_embeddings(self, pixel_values: torch.Tensor, instruction: str | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, Q, H_llm): the image as soft prompt vectors in the LLM's embedding space. An
@@ -320,6 +321,7 @@ class Blip2(nn.Module):
         picture runs the towers once."""
         return self._encode_loaded(load_image(image), instruction)
 
+    @compute.on_compute
     def _encode_loaded(self, pil, instruction: str | None) -> tuple[str, torch.Tensor]:
         key = image_digest(pil)
         if self.instruction_aware:  # the soft prompt depends on the text too: key caches (and KV prefixes) by both
@@ -470,6 +472,7 @@ class Blip2(nn.Module):
     def _can_reuse_prefix(self, settings: Decoding) -> bool:
         return not self.is_encoder_decoder and settings.num_beams == 1
 
+    @compute.on_compute
     @torch.inference_mode()
     def _generate_ids(self, digest, queries, ids, settings, t0, dropped, cut, streamer, cancel) -> Reply:
         device = self.llm_input_device
@@ -549,6 +552,7 @@ class Blip2(nn.Module):
 
         return prefill
 
+    @compute.on_compute
     @torch.inference_mode()
     def _extend_prefix(self, digest: str, ids: list[int]) -> None:
         with self._lock:
