@@ -184,7 +184,7 @@ def test_yes_no_labels_follow_the_answer_of_questions_only():
     assert yes_no_labels(batch).tolist() == [1, 0, -100, -100]
 
 
-def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm):
+def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm, monkeypatch):
     """The auxiliary loss is the cross-entropy of head(mean of the query outputs) on the yes/no questions only, and
     the head stays in the graph on a batch without any (distributed training needs every parameter used)."""
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
@@ -215,6 +215,12 @@ def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm):
     assert lm_only.yes_no_sum is None and torch.equal(lm_only.lm_sum, out.lm_sum)
     losses = LMLoss(out.lm_sum / out.lm_count, out.yes_no_sum / out.yes_no_count, aux_weight=0.5)
     assert float(losses.loss) == pytest.approx(float(out.lm_sum / out.lm_count + 0.5 * reference / 2), rel=1e-5)
+    model.use_lm = False  # lm_loss_weight: 0 - the classifier alone, the LLM never runs
+    monkeypatch.setattr(lm, "forward", None)  # would raise if called
+    skipped = model(image, **batch, qformer_text=text, yes_no=torch.tensor([1, -100, 0]))
+    monkeypatch.undo()
+    assert float(skipped.lm_sum) == 0 and int(skipped.lm_count) == 0 and torch.equal(skipped.yes_no_sum, out.yes_no_sum)
+    model.use_lm = True
     none = model(image, **batch, qformer_text=text, yes_no=torch.full((3,), -100))
     assert float(none.yes_no_sum) == 0 and int(none.yes_no_count) == 0
     (none.lm_sum + none.yes_no_sum).backward()

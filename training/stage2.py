@@ -85,6 +85,10 @@ DEFAULTS = {
     # Q-Former's query-text comparison (README model card); this gives it a direct signal. Training only: the
     # classifier is not exported, the LLM still answers.
     "yes_no_aux_weight": 0.0,
+    # Weight of the LM loss. 0 (with yes_no_aux_weight > 0) skips the LLM altogether and trains only the
+    # instruction-aware Q-Former on the yes/no questions (the only examples with a loss then): a cheap first phase
+    # (~12x faster per example) before the LM fine-tune teaches the LLM to read what the queries now carry.
+    "lm_loss_weight": 1.0,
     "prompt": None,  # null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict
     "data": {
         "sources": [{"type": "scenes", "n": 64, "seed": 0}],
@@ -349,6 +353,7 @@ class Stage2Model(nn.Module):
         self.image_token_id = image_token_id
         self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
         self.yes_no_head: nn.Linear | None = None  # training-only classifier (yes_no_aux_weight); never exported
+        self.use_lm = True  # False: forward skips the LLM (lm_loss_weight: 0), the LM loss is 0 over 0 tokens
 
     def add_yes_no_head(self) -> None:
         if self.qformer_embeddings is None:
@@ -378,10 +383,7 @@ class Stage2Model(nn.Module):
         ``yes_no`` (per example 0 = no, 1 = yes, -100 = not a yes/no question) also the classifier's loss."""
         if pixel_values is not None:
             image_embeds = self.vision(pixel_values)
-        embed = self.language_model.get_input_embeddings()
-        text = embed(input_ids)
         query_out = self.query_outputs(image_embeds, qformer_text)
-        queries = self.language_projection(query_out).to(text.dtype)
         yes_no_sum = yes_no_count = None
         if self.yes_no_head is not None and yes_no is not None:
             # Over the whole batch with ignore_index, so the head is in the graph even when no example is yes/no
@@ -390,6 +392,11 @@ class Stage2Model(nn.Module):
             yes_no_sum = F.cross_entropy(self.yes_no_head(query_out.mean(dim=1)).float(), yes_no,
                                          ignore_index=-100, reduction="sum")
             yes_no_count = (yes_no != -100).sum()
+        if not self.use_lm:
+            zero = query_out.new_zeros(())
+            return Stage2Losses(zero, zero.long(), yes_no_sum, yes_no_count)
+        text = self.language_model.get_input_embeddings()(input_ids)
+        queries = self.language_projection(query_out).to(text.dtype)
         positions = input_ids == self.image_token_id
         if int(positions.sum()) != queries.shape[0] * queries.shape[1]:
             raise ValueError("Every example needs exactly num_query_tokens image positions in its input ids.")
@@ -412,11 +419,12 @@ class Stage2Model(nn.Module):
 
 
 class LMLoss:
-    """The LM loss, plus ``aux_weight`` times the yes/no classifier's loss when there is one."""
+    """The LM loss (times ``lm_weight``), plus ``aux_weight`` times the yes/no classifier's loss when there is one."""
 
-    def __init__(self, lm: torch.Tensor, yes_no: torch.Tensor | None = None, aux_weight: float = 0.0):
+    def __init__(self, lm: torch.Tensor, yes_no: torch.Tensor | None = None, aux_weight: float = 0.0,
+                 lm_weight: float = 1.0):
         self.lm, self.yes_no = lm, yes_no
-        self.loss = lm if yes_no is None else lm + aux_weight * yes_no
+        self.loss = lm_weight * lm if yes_no is None else lm_weight * lm + aux_weight * yes_no
 
     def items(self) -> dict[str, float]:
         if self.yes_no is None:
@@ -610,6 +618,12 @@ def run(cfg: dict, resume: bool = False) -> dict:
         if task != "vqa":
             raise ConfigError(f"yes_no_aux_weight is for the vqa task; this run's task is {task!r}.")
         model.add_yes_no_head()
+    lm_weight = cfg["lm_loss_weight"]
+    if not isinstance(lm_weight, (int, float)) or isinstance(lm_weight, bool) or lm_weight < 0:
+        raise ConfigError(f"lm_loss_weight must be a number >= 0, not {lm_weight!r}.")
+    if not lm_weight and not aux_weight:
+        raise ConfigError("lm_loss_weight: 0 leaves no loss to train: set yes_no_aux_weight > 0 too.")
+    model.use_lm = bool(lm_weight)
     vision = cfg["vision_finetune"]
     prefix_lm = task == "pretrain" and model.is_encoder_decoder
     caption_prompt = prompt_format.caption_prompt
@@ -667,6 +681,9 @@ def run(cfg: dict, resume: bool = False) -> dict:
         skipped.update(build_skipped)
         encoder = None  # features are cached: free the tower
         train_set = Examples(features, task, caption_prompt, prefix_lm, cfg["train"]["seed"], d["with_captions"])
+        if not model.use_lm:  # only the yes/no questions have a loss: draw nothing else
+            train_set.rows = [row for row in train_set.rows if row[1] == "vqa" and yes_no_labels(
+                [{"kind": row[1], "target": row[3]}]).item() != -100]
         train_set = repeat_questions(train_set, d["repeat_questions"], d["balance_yes_no"])
         source_count = len(features)
 
@@ -691,7 +708,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         lm = dist.global_token_mean(out.lm_sum, out.lm_count)
         if out.yes_no_sum is None:
             return LMLoss(lm)
-        return LMLoss(lm, dist.global_token_mean(out.yes_no_sum, out.yes_no_count), aux_weight)
+        return LMLoss(lm, dist.global_token_mean(out.yes_no_sum, out.yes_no_count), aux_weight, lm_weight)
 
     qconfig = qformer_config_dict(model.qformer.config)
 
