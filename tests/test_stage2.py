@@ -498,6 +498,25 @@ def test_repeat_questions_lists_matching_questions_more_often():
             repeat_questions(examples, bad)
 
 
+def test_select_questions_keeps_matching_questions_and_drops_captions():
+    from training.config import ConfigError
+    from training.stage2 import select_questions
+
+    rows = [(0, "vqa", "is there a red shape?", "no", "a#q0"),
+            (0, "vqa", "is there not a red shape?", "yes", "a#q1"),
+            (0, "vqa", "what shape is this?", "circle", "a#q2"),
+            (0, "caption", "Describe the image.", "A red circle.", "a")]
+    ids = lambda kept: [row[4] for row in kept]  # noqa: E731
+    assert select_questions(rows, None, None) is rows
+    assert ids(select_questions(rows, r"\bred\b", None)) == ["a#q0", "a#q1"]  # the caption goes too
+    assert ids(select_questions(rows, r"\bred\b", r"\bnot\b")) == ["a#q0"]
+    assert ids(select_questions(rows, None, r"\bnot\b")) == ["a#q0", "a#q2", "a"]  # captions stay without `only`
+    for only, skip, message in [("red(", None, "not a regular expression"), (3, None, "must be a regular expression"),
+                                ("zebra", None, "leave no training example")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            select_questions(rows, only, skip)
+
+
 def test_balance_yes_no_evens_out_answers_per_source_and_polarity():
     from types import SimpleNamespace
 

@@ -104,6 +104,11 @@ DEFAULTS = {
         # that yes and no are equally frequent; otherwise "is there a blue shape?" -> "no" is right 82% of the
         # time on easy-vqa without looking at the image, and that prior is what a model learns first.
         "balance_yes_no": False,
+        # vqa: train on the questions matching ``only_questions`` (a regular expression; captions are then left
+        # out too) and not matching ``skip_questions``; null: all. For a curriculum of separate runs, e.g. the plain
+        # colour yes/no questions first (training/configs/default_yes_no_colour.yaml).
+        "only_questions": None,
+        "skip_questions": None,
         "augment": False,  # vision_finetune only: random resized crop + flip (left/right swapped in the text)
     },
     "optim": dict(STAGE1_DEFAULTS["optim"]),
@@ -238,6 +243,30 @@ def yes_no_balance_counts(rows: list[tuple]) -> tuple[list[int], dict]:
     summary = {f"{source}{' (negated)' if negated else ''}": (c["yes"], c["no"], boost.get((source, negated), ("", 1))[1])
                for (source, negated), c in groups.items()}
     return counts, summary
+
+
+def select_questions(rows: list[tuple], only: str | None, skip: str | None) -> list[tuple]:
+    """The VQA rows whose question matches ``only`` (captions dropped) and not ``skip``; None keeps everything.
+    An unusable pattern, or one that leaves nothing, is a ConfigError."""
+    compiled = {}
+    for key, pattern in (("only_questions", only), ("skip_questions", skip)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, str):
+            raise ConfigError(f"data.{key} must be a regular expression (a string) or null, not {pattern!r}.")
+        try:
+            compiled[key] = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"data.{key}: {pattern!r} is not a regular expression ({exc}).") from None
+    if not compiled:
+        return rows
+    keep = [row for row in rows
+            if ("only_questions" not in compiled or (row[1] == "vqa" and compiled["only_questions"].search(row[2])))
+            and not (row[1] == "vqa" and "skip_questions" in compiled and compiled["skip_questions"].search(row[2]))]
+    if not keep:
+        raise ConfigError(f"data.only_questions / skip_questions ({only!r} / {skip!r}) leave no training example.")
+    logger.info("only_questions / skip_questions: %d of %d examples kept", len(keep), len(rows))
+    return keep
 
 
 def repeat_questions(examples: Examples, rules: dict, balance_yes_no: bool = False) -> Dataset:
@@ -608,7 +637,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
     d = cfg["data"]
     if not isinstance(d["balance_yes_no"], bool):
         raise ConfigError(f"data.balance_yes_no must be true or false, not {d['balance_yes_no']!r}.")
-    for key in ("repeat_questions", "balance_yes_no"):
+    for key in ("repeat_questions", "balance_yes_no", "only_questions", "skip_questions"):
         if d[key] and task != "vqa":
             raise ConfigError(f"data.{key} is for the vqa task; this run's task is {task!r}.")
     aux_weight = cfg["yes_no_aux_weight"]
@@ -684,6 +713,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
         if not model.use_lm:  # only the yes/no questions have a loss: draw nothing else
             train_set.rows = [row for row in train_set.rows if row[1] == "vqa" and yes_no_labels(
                 [{"kind": row[1], "target": row[3]}]).item() != -100]
+        train_set.rows = select_questions(train_set.rows, d["only_questions"], d["skip_questions"])
         train_set = repeat_questions(train_set, d["repeat_questions"], d["balance_yes_no"])
         source_count = len(features)
 
