@@ -25,7 +25,7 @@ from .encoders import EvaViTEncoder, build_encoder
 from .errors import CheckpointError
 from .llm import family_of, load_llm
 from .model import IMAGE_FEATURE_NORMS, Blip2, ModelInfo
-from .precision import LoadPlan, resolve
+from .precision import LoadPlan, keep_cpu_4bit_layers_unpacked, resolve
 from .prompts import PromptFormat, default_format
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def _load_official(source: str, plan: LoadPlan) -> Blip2:
             "checkpoint folder over and pass its path."
         )
         raise CheckpointError(f"Could not load the BLIP-2 checkpoint {source!r}: {exc}.{hint}") from exc
+    keep_cpu_4bit_layers_unpacked(hf)
     image_token_id = hf.config.image_token_id
     if image_token_id is None:
         raise CheckpointError(

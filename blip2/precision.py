@@ -111,3 +111,22 @@ def _quantized_plan(precision: str, device: str, on_gpu: bool) -> LoadPlan:
             llm_int8_skip_modules=KEEP_UNQUANTIZED,
         )
     return LoadPlan(precision, dtype, device, config)
+
+
+def keep_cpu_4bit_layers_unpacked(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 weight repacking for 4-bit layers it cannot repack.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks every ``Linear4bit`` weight on its first forward, assuming
+    ``in_features`` is a multiple of the quantization block (64) and ``out_features`` of 32; any other layer crashes
+    with a reshape error. Such layers keep the portable kernel instead. Returns how many layers were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ != "Linear4bit" or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        quant_state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(quant_state, "blocksize", 64)
+        if module.in_features % blocksize or module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import blip2
-from blip2.precision import resolve
+from blip2.precision import keep_cpu_4bit_layers_unpacked, resolve
 from conftest import image
 
 
@@ -68,6 +68,26 @@ def test_quantizes_only_the_llm(opt_checkpoint, precision, layer):
         with reference.stream(image(0), "Question: what? Answer:", **kwargs) as full:
             list(full)
     assert quantized.reply.token_ids[:2] == full.reply.token_ids[:2]
+
+
+def test_4bit_layers_bitsandbytes_cannot_repack_keep_the_portable_kernel():
+    # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs assuming in_features is a multiple of its 64-wide
+    # quantization block; a 32-wide layer crashed there. Forced on, so the check runs on any CPU.
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(
+        bnb.nn.Linear4bit(32, 64, quant_type="nf4", compute_dtype=torch.float32),
+        bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.float32),
+    ).to("cpu")
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    assert keep_cpu_4bit_layers_unpacked(layers) == 1
+    assert [layer.support_avx512bf16_for_cpu for layer in layers] == [False, True]
+    narrow = layers[0]
+    weight = bnb.functional.dequantize_4bit(narrow.weight.data, narrow.weight.quant_state)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.allclose(narrow(x), x @ weight.T + narrow.bias, atol=1e-5)
 
 
 def test_bf16_keeps_qformer_fp32(opt_checkpoint):
