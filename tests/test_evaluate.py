@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.evaluate import evaluate_captions, evaluate_vqa
+from training.evaluate import evaluate_captions, evaluate_vqa, vqa_examples
 from training.metrics import caption_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,22 @@ def test_caption_scores_come_from_the_metric():
     expected = caption_scores({"x": "a red circle", "y": "a green triangle"},
                               {"x": ["a red circle", "a red round shape"], "y": ["two blue squares"]})
     assert result["CIDEr"] == expected["CIDEr"] and result["BLEU-4"] == expected["BLEU-4"] and result["count"] == 2
+
+
+def test_skip_leaves_out_the_first_questions_in_order():
+    spec = {"type": "scenes", "n": 4, "seed": 7}
+    everything = [(e["image_id"], e["question"]) for e in vqa_examples(spec, None)]
+    assert len(everything) > 12
+    assert [(e["image_id"], e["question"]) for e in vqa_examples(spec, 5, skip=7)] == everything[7:12]
+    assert [(e["image_id"], e["question"]) for e in vqa_examples(spec, None, skip=7)] == everything[7:]
+    with pytest.raises(ValueError, match="after the first"):
+        vqa_examples(spec, None, skip=len(everything))
+
+
+def test_eval_cli_rejects_skip_outside_vqa():
+    result = subprocess.run([sys.executable, "-m", "training", "eval", "--task", "caption", "--checkpoint", "x",
+                             "--data", "scenes:3", "--skip", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--skip 2" in result.stderr
 
 
 @pytest.mark.slow

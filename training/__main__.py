@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     eva.add_argument("--data", required=True, help="easyvqa:test | scenes:N[:SEED] | tuxpaint:test | manifest path")
     eva.add_argument("--output", help="folder for the results JSON (default: next to the checkpoint)")
     eva.add_argument("--limit", type=int, help="evaluate only the first N examples (smoke runs)")
+    eva.add_argument("--skip", type=int, default=0,
+                     help="vqa: leave out the first N questions, e.g. those used to choose a recipe (results go to "
+                          "eval_vqa_fromN.json)")
     eva.add_argument("--protocol", choices=("paper", "greedy"), default="paper",
                      help="decoding: the paper's (VQA: beam 5, length penalty -1; captions: beam 5) or greedy")
     eva.add_argument("--k", type=int, default=128, help="retrieval: ITM re-ranks the ITC top k")
@@ -47,6 +50,8 @@ def main(argv=None) -> int:
     ev.add_argument("--output", help="folder for retrieval.json (default: the checkpoint's run folder)")
     ev.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.command == "eval" and (args.skip < 0 or (args.skip and args.task != "vqa")):
+        parser.error(f"--skip {args.skip}: a count of questions to leave out, with --task vqa only")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
     try:

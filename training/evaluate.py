@@ -31,23 +31,28 @@ PROTOCOLS = {
 EASY_VQA_KINDS = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "rectangle": "shape", "triangle": "shape"}
 
 
-def vqa_examples(spec: dict, limit: int | None) -> list[dict]:
+def vqa_examples(spec: dict, limit: int | None, skip: int = 0) -> list[dict]:
     """``{"image", "image_id", "question", "answers"}`` per question, grouped by image (the model's query cache
-    then encodes each picture once)."""
+    then encodes each picture once): ``limit`` of them after the first ``skip`` (a held-out part of a test set,
+    when the first questions were used to choose between recipes)."""
+    end = None if limit is None else skip + limit
     if spec["type"] == "easyvqa":
         questions = EasyVQAQuestions(spec.get("split", "test"))
-        rows = sorted(questions.records, key=lambda r: r["image_id"])[:limit]
-        return [{"image": r["path"], "image_id": r["image_id"], "question": r["question"], "answers": [r["answer"]]}
-                for r in rows]
-    out = []
-    for item in iter_items(build_source(spec)):
-        for question, answer in item.get("qa") or []:
-            out.append({"image": item["image"], "image_id": item["id"], "question": question, "answers": [answer]})
-        if limit is not None and len(out) >= limit:
-            break
+        rows = sorted(questions.records, key=lambda r: r["image_id"])[skip:end]
+        out = [{"image": r["path"], "image_id": r["image_id"], "question": r["question"], "answers": [r["answer"]]}
+               for r in rows]
+    else:
+        out = []
+        for item in iter_items(build_source(spec)):
+            for question, answer in item.get("qa") or []:
+                out.append({"image": item["image"], "image_id": item["id"], "question": question, "answers": [answer]})
+            if end is not None and len(out) >= end:
+                break
+        out = out[skip:end]
     if not out:
-        raise ValueError(f"{spec} has no question/answer pairs; VQA evaluation needs easyvqa or scenes data.")
-    return out[:limit]
+        raise ValueError(f"{spec} has no question/answer pairs after the first {skip}; VQA evaluation needs easyvqa "
+                         "or scenes data.")
+    return out
 
 
 def caption_examples(spec: dict, limit: int | None) -> list[dict]:
@@ -116,16 +121,16 @@ def evaluate_cli(args) -> dict:
     model = blip2.load(args.checkpoint)
     print(f"evaluating {model.info.summary()} on {args.data} ({args.task}, {args.protocol} decoding: {decoding})")
     if args.task == "vqa":
-        result = evaluate_vqa(model, vqa_examples(spec, args.limit), decoding)
+        result = evaluate_vqa(model, vqa_examples(spec, args.limit, args.skip), decoding)
         headline = f"VQA accuracy {result['accuracy']:.2f}% on {result['count']} questions"
     else:
         result = evaluate_captions(model, caption_examples(spec, args.limit), decoding)
         headline = f"BLEU-4 {result['BLEU-4']:.2f}, CIDEr {result['CIDEr']:.2f} on {result['count']} images"
     result = {"task": args.task, "checkpoint": str(args.checkpoint), "data": args.data, "protocol": args.protocol,
-              "decoding": decoding, "model": model.info.summary(), **result}
+              "skip": args.skip, "decoding": decoding, "model": model.info.summary(), **result}
     folder = Path(args.output) if args.output else Path(args.checkpoint).parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"eval_{args.task}.json"
+    path = folder / (f"eval_{args.task}_from{args.skip}.json" if args.skip else f"eval_{args.task}.json")
     path.write_text(json.dumps(result, indent=2))
     print(f"{headline} -> {path}")
     return result
