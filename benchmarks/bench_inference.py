@@ -408,7 +408,7 @@ def part2(precision: str, repeats: int, image) -> list[dict]:
 
     log(f"[part 2 {precision}] loading blip2.load('default') ...")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the "untrained Q-Former" notice: irrelevant for timing
+        warnings.simplefilter("ignore")  # load-time notices are irrelevant for timing
         model = blip2.load("default", precision=precision, device="cpu")
     log(f"[part 2 {precision}] {model.info.summary()}")
     rows, replies = [], {}
@@ -484,8 +484,8 @@ def report(env: dict, rows1: list[dict], rows2: list[dict], args) -> str:
             out.append(f"(transformers' model was given blip2's fp32 Q-Former for identical numerics: {', '.join(notes)})")
     out += [
         "",
-        "Part 2: time to first token of the next chat turn on blip2.load('default') (EfficientNet-Lite0 + untrained "
-        "Q-Former + SmolLM2-135M-Instruct), max_new_tokens=1.",
+        "Part 2: time to first token of the next chat turn on blip2.load('default') (EfficientNet-Lite0 + the trained, "
+        "instruction-aware Q-Former + SmolLM2-135M-Instruct), max_new_tokens=1.",
         "Previous replies: 48 tokens each (greedy, min_new_tokens=48). cached = right after the previous turn "
         "(rerun from clear caches each time): image queries,",
         "the previous turn's key/values (its prompt, its generated ids fed back, the end-of-turn markup prefilled after "
