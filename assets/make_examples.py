@@ -32,8 +32,17 @@ def shapes() -> Image.Image:
     return img
 
 
+def triangle() -> Image.Image:
+    # One flat shape on white, like the easy-vqa pictures the default model was trained on: the example it answers
+    # best (the two above have several objects, which it counts and places poorly).
+    img = Image.new("RGB", (240, 240), (255, 255, 255))
+    ImageDraw.Draw(img).polygon([(60, 180), (120, 60), (180, 180)], fill=(30, 70, 220))  # blue triangle
+    return img
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     house().save(OUT / "house.jpg", quality=90)
     shapes().save(OUT / "shapes.jpg", quality=90)
+    triangle().save(OUT / "triangle.jpg", quality=90)
     print("wrote", sorted(p.name for p in OUT.iterdir()))
