@@ -1,0 +1,79 @@
+"""What a cached chat turn costs, against the LLM forward it cannot avoid (explains bench_inference.py part 2).
+
+A second chat turn on the offline default model reuses every key/value of the first and prefills only the new
+question. This prints that turn's time to first token (the same chat calls as bench_inference.py part 2) next to
+plain transformers' forward over as many new tokens on a cache of the same length, both on blip2's compute thread,
+so blip2's own overhead is the difference; and the forward over fewer tokens, the floor of any cached turn.
+
+    python benchmarks/ttft_floor.py [--precision fp32] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+TURN1 = "What is in this picture? Describe it in detail."
+TURN2 = "What colours do you see?"
+
+
+def main(argv=None) -> int:
+    import torch
+    from PIL import Image
+    from skimage import data
+
+    import blip2
+    from blip2 import compute
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    image = Image.fromarray(data.chelsea())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = blip2.load("default", precision=args.precision, device="cpu")
+
+    def turn(history, question, n, min_n=0):
+        stream = model.chat(image, history, question, stream=True, max_new_tokens=n, min_new_tokens=min_n)
+        for _ in stream:
+            pass
+        return stream.wait()
+
+    model.clear_caches()
+    history = [(TURN1, turn([], TURN1, 48, 48).text)]
+    cached = []
+    for _ in range(args.repeats):
+        model.clear_caches()
+        turn([], TURN1, 48, 48)
+        cached.append(turn(history, TURN2, 1))
+    reply = cached[-1]
+    new_tokens = reply.prompt_tokens - reply.reused_prefix_tokens
+    print(f"{model.info.summary()}, {torch.get_num_threads()} threads")
+    print(f"cached 2nd turn: {statistics.median(r.first_token_seconds for r in cached) * 1e3:.1f} ms median "
+          f"({reply.reused_prefix_tokens} of {reply.prompt_tokens} prompt tokens reused, {new_tokens} new)")
+
+    llm = model.language_model
+    dtype = next(llm.parameters()).dtype
+
+    def forward(n_new: int) -> float:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' rename notice for past_key_values
+            past = llm(inputs_embeds=torch.randn(1, reply.reused_prefix_tokens, llm.config.hidden_size, dtype=dtype),
+                       use_cache=True).past_key_values
+            ids = torch.randint(0, llm.config.vocab_size, (1, n_new))
+            start = time.perf_counter()
+            llm(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+    for n in sorted({1, new_tokens // 2, new_tokens}):
+        times = [compute.run(forward, n) for _ in range(args.repeats)]
+        print(f"transformers forward, {n:>2} new tokens on a {reply.reused_prefix_tokens}-token cache: "
+              f"{statistics.median(times) * 1e3:.1f} ms median")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
