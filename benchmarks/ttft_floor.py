@@ -15,14 +15,13 @@ import statistics
 import time
 import warnings
 
-TURN1 = "What is in this picture? Describe it in detail."
-TURN2 = "What colours do you see?"
+# The same conversation, image and chat calls as bench_inference.py part 2 (which also makes the repository root
+# importable when this runs as a script).
+from bench_inference import TURN1, TURN2, chat_turn, test_image
 
 
 def main(argv=None) -> int:
     import torch
-    from PIL import Image
-    from skimage import data
 
     import blip2
     from blip2 import compute
@@ -31,24 +30,18 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    image = Image.fromarray(data.chelsea())
+    image = test_image()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = blip2.load("default", precision=args.precision, device="cpu")
 
-    def turn(history, question, n, min_n=0):
-        stream = model.chat(image, history, question, stream=True, max_new_tokens=n, min_new_tokens=min_n)
-        for _ in stream:
-            pass
-        return stream.wait()
-
     model.clear_caches()
-    history = [(TURN1, turn([], TURN1, 48, 48).text)]
+    history = [(TURN1, chat_turn(model, image, [], TURN1, 48, 48).text)]
     cached = []
     for _ in range(args.repeats):
         model.clear_caches()
-        turn([], TURN1, 48, 48)
-        cached.append(turn(history, TURN2, 1))
+        chat_turn(model, image, [], TURN1, 48, 48)
+        cached.append(chat_turn(model, image, history, TURN2, 1))
     reply = cached[-1]
     new_tokens = reply.prompt_tokens - reply.reused_prefix_tokens
     print(f"{model.info.summary()}, {torch.get_num_threads()} threads")

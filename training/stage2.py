@@ -245,24 +245,32 @@ def yes_no_balance_counts(rows: list[tuple]) -> tuple[list[int], dict]:
     return counts, summary
 
 
+def question_pattern(key: str, pattern: str):
+    """``pattern`` (the value of ``data.<key>``) compiled, or a ConfigError that names the key."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"data.{key}: {pattern!r} is not a regular expression ({exc}).") from None
+
+
 def select_questions(rows: list[tuple], only: str | None, skip: str | None) -> list[tuple]:
     """The VQA rows whose question matches ``only`` (captions dropped) and not ``skip``; None keeps everything.
     An unusable pattern, or one that leaves nothing, is a ConfigError."""
-    compiled = {}
     for key, pattern in (("only_questions", only), ("skip_questions", skip)):
-        if pattern is None:
-            continue
-        if not isinstance(pattern, str):
+        if pattern is not None and not isinstance(pattern, str):
             raise ConfigError(f"data.{key} must be a regular expression (a string) or null, not {pattern!r}.")
-        try:
-            compiled[key] = re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"data.{key}: {pattern!r} is not a regular expression ({exc}).") from None
-    if not compiled:
+    if only is None and skip is None:
         return rows
-    keep = [row for row in rows
-            if ("only_questions" not in compiled or (row[1] == "vqa" and compiled["only_questions"].search(row[2])))
-            and not (row[1] == "vqa" and "skip_questions" in compiled and compiled["skip_questions"].search(row[2]))]
+    only_re = question_pattern("only_questions", only) if only is not None else None
+    skip_re = question_pattern("skip_questions", skip) if skip is not None else None
+
+    def kept(row: tuple) -> bool:
+        is_question = row[1] == "vqa"
+        if only_re is not None and not (is_question and only_re.search(row[2])):
+            return False
+        return not (skip_re is not None and is_question and skip_re.search(row[2]))
+
+    keep = [row for row in rows if kept(row)]
     if not keep:
         raise ConfigError(f"data.only_questions / skip_questions ({only!r} / {skip!r}) leave no training example.")
     logger.info("only_questions / skip_questions: %d of %d examples kept", len(keep), len(rows))
@@ -278,10 +286,7 @@ def repeat_questions(examples: Examples, rules: dict, balance_yes_no: bool = Fal
         return examples
     compiled = []
     for pattern, times in rules.items():
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"data.repeat_questions: {pattern!r} is not a regular expression ({exc}).") from None
+        regex = question_pattern("repeat_questions", pattern)
         check_repeat_count(f"data.repeat_questions[{pattern!r}]", times)
         compiled.append((pattern, regex, times))
     counts, matched = [], Counter()
@@ -394,6 +399,11 @@ class Stage2Model(nn.Module):
         super().train(mode)
         self.language_model.eval()  # frozen: no dropout, ever
         return self
+
+    def qformer_text(self, texts: list[str]) -> dict:
+        """The tokenized text an instruction-aware Q-Former reads, cut as the serving code cuts it."""
+        return dict(self.qformer_tokenizer(texts, padding="longest", truncation=True, max_length=QFORMER_TEXT_TOKENS,
+                                           return_tensors="pt"))
 
     def query_outputs(self, image_embeds: torch.Tensor, qformer_text: dict | None = None) -> torch.Tensor:
         """(B, N, D) image features (+ the tokenized instruction for an instruction-aware Q-Former) -> (B, Q, H)
@@ -665,8 +675,7 @@ def run(cfg: dict, resume: bool = False) -> dict:
     def text_batch(batch):
         out = builder.collate([builder.example(b["kind"], b["prompt"], b["target"]) for b in batch])
         if model.qformer_tokenizer is not None:  # the text the serving code gives the Q-Former: the user's message
-            out["qformer_text"] = dict(model.qformer_tokenizer([b["prompt"] for b in batch], padding="longest",
-                                       truncation=True, max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"))
+            out["qformer_text"] = model.qformer_text([b["prompt"] for b in batch])
         if model.yes_no_head is not None:
             out["yes_no"] = yes_no_labels(batch)
         return out

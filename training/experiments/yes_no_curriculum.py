@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from blip2.encoders import build_encoder
-from blip2.model import QFORMER_TEXT_TOKENS, run_qformer
 
 from .. import stage2
 from ..data import EasyVQAQuestions
@@ -86,11 +85,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
 
     def logits(embeds, texts):
-        text = dict(model.qformer_tokenizer(texts, padding="longest", truncation=True, max_length=QFORMER_TEXT_TOKENS,
-                                            return_tensors="pt"))
-        out = run_qformer(model.qformer, model.query_tokens, embeds.float(), model.qformer_embeddings, text,
-                          image_norm=model.image_feature_norm)
-        return model.yes_no_head(out.mean(dim=1))
+        return model.yes_no_head(model.query_outputs(embeds, model.qformer_text(texts)).mean(dim=1))
 
     def score() -> str:
         model.eval()

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from blip2.encoders import build_encoder
-from blip2.model import QFORMER_TEXT_TOKENS, run_qformer
 
 from .. import stage2
 from ..config import load_config
@@ -68,10 +67,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for i in range(0, len(test), 64):
             chunk = test[i:i + 64]
-            text = dict(model.qformer_tokenizer([t["question"] for t in chunk], padding="longest", truncation=True,
-                                                max_length=QFORMER_TEXT_TOKENS, return_tensors="pt"))
-            out = run_qformer(model.qformer, model.query_tokens, features[i:i + 64].float(), model.qformer_embeddings,
-                              text, image_norm=model.image_feature_norm)
+            out = model.query_outputs(features[i:i + 64], model.qformer_text([t["question"] for t in chunk]))
             predicted = model.yes_no_head(out.mean(dim=1)).argmax(-1).tolist()
             for p, t in zip(predicted, chunk):
                 cell = f"{'negated' if NEGATION.search(t['question']) else 'plain'}/{t['answer']}"
