@@ -7,14 +7,12 @@ import pytest
 import torch
 
 import blip2
-from blip2.precision import keep_cpu_4bit_layers_unpacked, resolve
+from blip2.precision import SmallBatchCpuLinear, keep_cpu_4bit_layers_unpacked, resolve, use_small_batch_cpu_linears
 from conftest import image
 
 
-@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_depends_on_native_bf16(monkeypatch, native_bf16, expected):
-    monkeypatch.setattr("blip2.precision.cpu_has_native_bf16", lambda: native_bf16)
-    assert resolve("auto", "cpu").precision == expected
+def test_auto_on_cpu_is_fp32_or_int8_for_low_memory():
+    assert resolve("auto", "cpu").precision == "fp32"
     assert resolve("auto", "cpu", low_memory=True).precision == "int8"
 
 
@@ -95,3 +93,45 @@ def test_bf16_keeps_qformer_fp32(opt_checkpoint):
     assert model.qformer.layernorm.weight.dtype == torch.float32
     assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.generate(image(0), "Question: what? Answer:", max_new_tokens=3) is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (2, 1, 24), (5, 24), (1, 8, 24), (3, 3, 24), (7,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_batch_linear_equals_nn_linear(shape, bias):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    fast = torch.nn.Linear(24, 40, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    assert use_small_batch_cpu_linears(fast) == 1 and isinstance(fast, SmallBatchCpuLinear)
+    x = torch.randn(*shape[:-1], 24, requires_grad=True) if len(shape) > 1 else torch.randn(24, requires_grad=True)
+    expected, got = plain(x), fast(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
+    (grad_got,) = torch.autograd.grad(got.sum(), x)
+    assert torch.allclose(grad_got, grad_expected, atol=1e-5)
+
+
+def test_small_batch_linears_only_replace_fp32_cpu_layers():
+    bnb = pytest.importorskip("bitsandbytes")
+    layers = torch.nn.Sequential(
+        torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).to(torch.bfloat16), bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False)
+    )
+    assert use_small_batch_cpu_linears(layers) == 1
+    assert [type(layer).__name__ for layer in layers] == ["SmallBatchCpuLinear", "Linear", "Linear8bitLt"]
+
+
+def test_fp32_cpu_load_uses_small_batch_linears_in_the_llm_only(opt_checkpoint):
+    from transformers import Blip2ForConditionalGeneration
+
+    model = blip2.load(str(opt_checkpoint), precision="fp32", device="cpu")
+    llm_linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert llm_linears and all(type(m) is SmallBatchCpuLinear for m in llm_linears)
+    assert type(model.language_projection) is torch.nn.Linear
+    assert not any(isinstance(m, SmallBatchCpuLinear) for m in model.qformer.modules())
+    # Same parameters under the same names as transformers' model (checkpoints and exports are unaffected).
+    plain = Blip2ForConditionalGeneration.from_pretrained(str(opt_checkpoint), dtype=torch.float32).language_model
+    ours = model.language_model.state_dict()
+    assert ours.keys() == plain.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in plain.state_dict().items())
+    bf16 = blip2.load(str(opt_checkpoint), precision="bf16", device="cpu")
+    assert not any(isinstance(m, SmallBatchCpuLinear) for m in bf16.language_model.modules())
