@@ -39,7 +39,7 @@ def resolve(precision: str = "auto", device: str = "auto", *, low_memory: bool =
     auto precision: fp16 on a GPU (int8 when ``low_memory``); fp32 on CPU (int8 when ``low_memory``). On CPU fp32
     decodes faster than bf16 even where the CPU has bf16 instructions: with :class:`SmallBatchCpuLinear` the fp32
     decoding step streams weights at ~2x the rate oneDNN's bf16 kernels reach, which outweighs reading half the
-    bytes (64 tokens of SmolLM2-135M: 2.96 vs 4.49 s on an AVX512-BF16 EPYC, benchmarks/bench_inference.py), and
+    bytes (64 tokens of SmolLM2-135M: 2.3-3.0 vs 4.3-4.5 s on an AVX512-BF16 EPYC, benchmarks/bench_inference.py), and
     CPUs without bf16 instructions emulate it (1.3x slower to decode, ~5x slower to prefill, AVX2 EPYC). bf16 halves
     the memory: ask for it for big checkpoints. auto device: every visible GPU through accelerate's device map,
     else the CPU.
@@ -133,8 +133,8 @@ class SmallBatchCpuLinear(torch.nn.Linear):
     Why: every decoding step multiplies one row per sequence (per beam) by each weight matrix. ``F.linear``
     computes ``x @ W.T``, and for such skinny products MKL (2024) picks kernels that, on the 2-core AMD EPYC
     machines here, stream fp32 weights at ~12 GB/s; ``W @ x.T`` with at least two rows takes a kernel that reads
-    every weight once at ~25-28 GB/s. A single row gets a second row of zeros (its result dropped): with one row
-    MKL's matrix-vector kernel is as slow as the first. Measured over SmolLM2-135M's layers (min of 5 runs):
+    every weight once at ~25-28 GB/s. A single row gets a second row of zeros (its result dropped), because for
+    one row MKL falls back to its matrix-vector kernel, as slow as ``x @ W.T``. Measured over SmolLM2-135M's layers (min of 5 runs):
     1 row 37 -> 18 ms, 2 rows 58 -> 18 ms, 4 rows 49 -> 23 ms, 8 rows 42 -> 36 ms; from 9 rows on ``x @ W.T`` is
     faster again and is kept, as are bf16 (oneDNN, already faster one row at a time), GPUs and quantized layers.
     The results equal ``nn.Linear``'s up to float rounding.
