@@ -22,6 +22,7 @@ from bench_inference import TURN1, TURN2, chat_turn, test_image
 
 def main(argv=None) -> int:
     import torch
+    from transformers import DynamicCache
 
     import blip2
     from blip2 import compute
@@ -52,13 +53,13 @@ def main(argv=None) -> int:
     dtype = next(llm.parameters()).dtype
 
     def forward(n_new: int) -> float:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' rename notice for past_key_values
-            past = llm(inputs_embeds=torch.randn(1, reply.reused_prefix_tokens, llm.config.hidden_size, dtype=dtype),
-                       use_cache=True).past_key_values
+        with torch.inference_mode():
+            cache = DynamicCache(config=llm.config)  # filled in place, as blip2 passes it
+            llm(inputs_embeds=torch.randn(1, reply.reused_prefix_tokens, llm.config.hidden_size, dtype=dtype),
+                cache=cache, use_cache=True)
             ids = torch.randint(0, llm.config.vocab_size, (1, n_new))
             start = time.perf_counter()
-            llm(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+            llm(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
     for n in sorted({1, new_tokens // 2, new_tokens}):

@@ -6,7 +6,7 @@ import os
 
 from .errors import CheckpointError
 from .offline import is_package_source, resolve_package_source
-from .precision import LoadPlan, keep_cpu_4bit_layers_unpacked, use_small_batch_cpu_linears
+from .precision import LoadPlan, adapt_llm_to_cpu_kernels
 
 
 def family_of(config, tokenizer) -> str:
@@ -42,8 +42,7 @@ def load_llm(source: str, plan: LoadPlan):
         model = cls.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise CheckpointError(_not_found(source, exc)) from exc
-    keep_cpu_4bit_layers_unpacked(model)
-    use_small_batch_cpu_linears(model)
+    adapt_llm_to_cpu_kernels(model)
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer

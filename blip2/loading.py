@@ -25,7 +25,7 @@ from .encoders import EvaViTEncoder, build_encoder
 from .errors import CheckpointError
 from .llm import family_of, load_llm
 from .model import IMAGE_FEATURE_NORMS, Blip2, ModelInfo
-from .precision import LoadPlan, keep_cpu_4bit_layers_unpacked, resolve, use_small_batch_cpu_linears
+from .precision import LoadPlan, adapt_llm_to_cpu_kernels, resolve
 from .prompts import PromptFormat, default_format
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ def _load_official(source: str, plan: LoadPlan) -> Blip2:
             "checkpoint folder over and pass its path."
         )
         raise CheckpointError(f"Could not load the BLIP-2 checkpoint {source!r}: {exc}.{hint}") from exc
-    keep_cpu_4bit_layers_unpacked(hf)
-    use_small_batch_cpu_linears(hf.language_model)
+    adapt_llm_to_cpu_kernels(hf.language_model)  # only the LLM is quantized (KEEP_UNQUANTIZED)
     image_token_id = hf.config.image_token_id
     if image_token_id is None:
         raise CheckpointError(

@@ -134,10 +134,10 @@ class SmallBatchCpuLinear(torch.nn.Linear):
     computes ``x @ W.T``, and for such skinny products MKL (2024) picks kernels that, on the 2-core AMD EPYC
     machines here, stream fp32 weights at ~12 GB/s; ``W @ x.T`` with at least two rows takes a kernel that reads
     every weight once at ~25-28 GB/s. A single row gets a second row of zeros (its result dropped), because for
-    one row MKL falls back to its matrix-vector kernel, as slow as ``x @ W.T``. Measured over SmolLM2-135M's layers (min of 5 runs):
-    1 row 37 -> 18 ms, 2 rows 58 -> 18 ms, 4 rows 49 -> 23 ms, 8 rows 42 -> 36 ms; from 9 rows on ``x @ W.T`` is
-    faster again and is kept, as are bf16 (oneDNN, already faster one row at a time), GPUs and quantized layers.
-    The results equal ``nn.Linear``'s up to float rounding.
+    one row MKL falls back to its matrix-vector kernel, as slow as ``x @ W.T``. Measured over SmolLM2-135M's
+    layers (min of 5 runs): 1 row 37 -> 18 ms, 2 rows 58 -> 18 ms, 4 rows 49 -> 23 ms, 8 rows 42 -> 36 ms; from 9
+    rows on ``x @ W.T`` is faster again and is kept, as are bf16 (oneDNN, already faster one row at a time), GPUs
+    and quantized layers. The results equal ``nn.Linear``'s up to float rounding.
     """
 
     max_rows = 8
@@ -161,8 +161,16 @@ def use_small_batch_cpu_linears(model: torch.nn.Module) -> int:
     how many layers changed."""
     changed = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        if type(module) is not torch.nn.Linear:
+            continue
+        if module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
             module.__class__ = SmallBatchCpuLinear
             changed += 1
     return changed
+
+
+def adapt_llm_to_cpu_kernels(llm: torch.nn.Module) -> None:
+    """What every loaded LLM needs for the CPU kernels it will run on (a no-op on GPUs): see
+    :func:`keep_cpu_4bit_layers_unpacked` and :func:`use_small_batch_cpu_linears`."""
+    keep_cpu_4bit_layers_unpacked(llm)
+    use_small_batch_cpu_linears(llm)
