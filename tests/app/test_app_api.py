@@ -22,7 +22,7 @@ from app.fakes import FakeBackend, MemoryStore
 from app.store import ConversationStore
 from app.ui import build_ui
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_app_module():

@@ -241,7 +241,7 @@ def test_a_program_that_exits_right_after_a_reply_exits_cleanly(our_checkpoint, 
         "print(repr(m.ask(Image.new('RGB', (48, 40), 'red'), 'what is it?', max_new_tokens=4)))\n"
         "print(repr(''.join(m.chat(Image.new('RGB', (48, 40), 'red'), [], 'and?', stream=True, max_new_tokens=4))))\n"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for _ in range(4):  # the failure was a race at exit: several tries
         result = subprocess.run([sys.executable, str(script), str(our_checkpoint)], cwd=root, capture_output=True,
                                 text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root)})

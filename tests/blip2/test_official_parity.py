@@ -5,7 +5,7 @@ tiny random models saved in the official format (conftest.py), one with an OPT a
 
 CI runs them on the CPU in fp32. On a GPU the same tests check the other precisions against transformers loaded
 with the same settings, e.g. ``BLIP2_TEST_DEVICE=cuda BLIP2_TEST_PRECISIONS=fp16,bf16,int8,nf4 pytest
-tests/test_official_parity.py``.
+tests/blip2/test_official_parity.py``.
 """
 
 import os

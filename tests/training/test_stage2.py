@@ -18,7 +18,7 @@ from blip2.prompts import default_format, prompt_ids
 from conftest import build_tiny_text_llm
 from training.stage2 import Stage2Model, TextBuilder, prefix_split
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 Q = 4
 
 

@@ -278,7 +278,7 @@ def test_ui_does_not_import_torch_or_blip2():
 
     code = "import app.ui, app.chat, app.store, sys; print(sorted(m for m in ('torch', 'blip2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=__import__("pathlib").Path(__file__).resolve().parent.parent).stdout
+                         cwd=__import__("pathlib").Path(__file__).resolve().parents[2]).stdout
     assert out.strip() == "[]"
 
 
@@ -286,7 +286,7 @@ def test_app_py_options(monkeypatch, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("blip2_app_options", Path(__file__).resolve().parent.parent / "app.py")
+    spec = importlib.util.spec_from_file_location("blip2_app_options", Path(__file__).resolve().parents[2] / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setenv("BLIP2_MODEL", "some/folder")

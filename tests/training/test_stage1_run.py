@@ -13,7 +13,7 @@ import pytest
 
 from training.stage1 import load_stage1
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "training/configs/stage1_tiny.yaml"
 LOSSES = ("loss", "itc", "itm", "itg")
 

@@ -34,7 +34,7 @@ from app.store import (
     StoreUnavailable,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("BLIP2_TEST_POSTGRES_URL")
 BACKENDS = [
     "sqlite",

@@ -10,7 +10,7 @@ import pytest
 from training.evaluate import evaluate_captions, evaluate_vqa, vqa_examples
 from training.metrics import caption_scores
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Oracle:
