@@ -45,6 +45,9 @@ class ReplyStats:
     notice: str | None = None  # e.g. "The conversation was too long for the model: ..."
     cancelled: bool = False
     extra: dict = field(default_factory=dict)
+    # The ids the model generated for ``text``; handed back with this reply in later turns' history (see
+    # Backend.chat). None when the backend does not report them.
+    token_ids: list[int] | None = None
 
 
 class ReplyStream(Protocol):
@@ -57,14 +60,20 @@ class ReplyStream(Protocol):
     def cancel(self) -> None: ...
 
 
+# One earlier turn: (user, assistant) or (user, assistant, token_ids). token_ids are what the model generated for
+# that assistant text (ReplyStats.token_ids), or None; they come from this conversation only, never from another's.
+HistoryTurn = tuple[str, str] | tuple[str, str, list[int] | None]
+
+
 class Backend(Protocol):
     card: ModelCard
 
     def check_image(self, image: bytes) -> None:
         """Raise BadImage if ``image`` cannot be used (format, size, corrupt, ...)."""
 
-    def chat(self, image: bytes, history: Sequence[tuple[str, str]], message: str, settings: dict) -> ReplyStream:
-        """Stream the reply to ``message`` about ``image`` after ``history`` (user, assistant) turns.
+    def chat(self, image: bytes, history: Sequence[HistoryTurn], message: str, settings: dict) -> ReplyStream:
+        """Stream the reply to ``message`` about ``image`` after ``history`` turns. Where a turn carries token ids,
+        the backend may put them in the prompt instead of re-tokenizing the reply's text.
         ``settings`` are decoding settings (max_new_tokens, num_beams, do_sample, temperature, top_p, ...)."""
 
     def caption(self, image: bytes, settings: dict) -> ReplyStream:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.backend import Backend, BadImage
+from app.backend import Backend, BadImage, HistoryTurn
 
 from app.store import NotFound, StoreError, StoreUnavailable
 
@@ -134,8 +134,9 @@ def chat_messages(session: dict) -> list[dict]:
     return out
 
 
-def model_history(session: dict) -> list[tuple[str, str]]:
-    """(user, assistant) pairs of the current picture's context, for the backend."""
+def model_history(session: dict) -> list[HistoryTurn]:
+    """The current picture's turns for the backend: (user, assistant), or (user, assistant, token_ids) where the
+    model's ids for that reply are known (they ride along with this conversation's own replies only)."""
     pairs, pending = [], None
     for t in session["turns"]:
         if t["context"] != session["context"] or t["role"] == "note":
@@ -144,7 +145,8 @@ def model_history(session: dict) -> list[tuple[str, str]]:
             pending = t["text"]
         elif t["role"] == "assistant" and pending is not None:
             if t["text"]:
-                pairs.append((pending, t["text"]))
+                ids = t.get("token_ids")
+                pairs.append((pending, t["text"]) if ids is None else (pending, t["text"], list(ids)))
             pending = None
     return pairs
 
@@ -324,13 +326,17 @@ class ChatApp:
         if stats is not None and stats.cancelled and status == "done":
             status = "stopped"
         reply["status"] = status
+        token_ids = _reply_ids(stats, reply["text"], status)
+        if token_ids is not None:
+            reply["token_ids"] = token_ids
         if stats is not None and stats.notice:
             reply["notice"] = stats.notice
             session["turns"].append(turn("note", f"ℹ️ {stats.notice}", session["context"]))
         if message_id is None or self.store is None:
             return
         try:
-            self._save(session, "update_message", message_id, text=reply["text"], status=status, error=error)
+            self._save(session, "update_message", message_id, text=reply["text"], status=status, error=error,
+                       token_ids=token_ids)
             if stats is not None:
                 card = self.backend.card
                 self._save(session, "record_generation", message_id, model=card.source, precision=card.precision,
@@ -415,7 +421,8 @@ class ChatApp:
                 turns.append(turn("note", m.text, context))
             elif m.role in ("user", "assistant"):
                 text = m.text if m.status != "error" else (m.text or f"⚠️ {m.error}")
-                turns.append(turn(m.role, text, context, status=m.status))
+                ids = {"token_ids": list(m.token_ids)} if m.token_ids is not None and m.status == "done" else {}
+                turns.append(turn(m.role, text, context, status=m.status, **ids))
         image_hash = image_hash or view.image_hash
         image = None
         if image_hash:
@@ -486,6 +493,15 @@ class ChatApp:
             stream.cancel()
             if hasattr(chunks, "close"):
                 chunks.close()
+
+
+def _reply_ids(stats, shown: str, status: str) -> list[int] | None:
+    """The model's ids for a finished reply, when they are known to spell exactly the text that was shown (and
+    saved): a stopped, failed or otherwise different reply gets None, and the next turn re-tokenizes its text."""
+    ids = getattr(stats, "token_ids", None)
+    if status != "done" or ids is None or stats.text.strip() != shown.strip():
+        return None
+    return list(ids)
 
 
 def _last_user_index(session: dict) -> int | None:

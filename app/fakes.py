@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from app.backend import BadImage, ModelCard, ReplyStats
-from app.store import ROLES, STATUSES, ConversationSummary, ConversationView, MessageView, NotFound, StoreUnavailable
+from app.store import ConversationSummary, ConversationView, MessageView, NotFound, StoreUnavailable
+from app.tables import ROLES, STATUSES
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class FakeStream:
-    def __init__(self, words: list[str], delay: float, notice: str | None = None):
-        self.words, self.delay, self.notice = words, delay, notice
+    def __init__(self, words: list[str], delay: float, notice: str | None = None, report_ids: bool = False):
+        self.words, self.delay, self.notice, self.report_ids = words, delay, notice, report_ids
         self.reply: ReplyStats | None = None
         self.cancelled = False
         self.closed = False
@@ -39,19 +40,28 @@ class FakeStream:
             text = "".join(sent)
             self.reply = ReplyStats(text=text, prompt_tokens=10, new_tokens=len(sent),
                                     seconds=time.perf_counter() - self._t0, first_token_seconds=self.delay,
-                                    notice=self.notice, cancelled=self.cancelled or len(sent) < len(self.words))
+                                    notice=self.notice, cancelled=self.cancelled or len(sent) < len(self.words),
+                                    token_ids=fake_token_ids(sent) if self.report_ids else None)
 
     def cancel(self):
         self.cancelled = True
 
 
-class FakeBackend:
-    """Streams an answer that names the question and the picture's hash, so tests can see what was asked."""
+def fake_token_ids(words: list[str]) -> list[int]:
+    """Stand-in token ids for a reply: one per word, derived from the word, so a test can tell replies apart."""
+    return [int.from_bytes(hashlib.sha256(w.encode()).digest()[:3], "big") for w in words]
 
-    def __init__(self, *, delay: float = 0.0, words: int = 6, untrained: bool = False, notice: str | None = None):
+
+class FakeBackend:
+    """Streams an answer that names the question and the picture's hash, so tests can see what was asked.
+    ``calls`` records what each call received (history included); ``report_ids=True`` makes replies carry token
+    ids (``fake_token_ids``), as a backend that can quote its own replies does."""
+
+    def __init__(self, *, delay: float = 0.0, words: int = 6, untrained: bool = False, notice: str | None = None,
+                 report_ids: bool = False):
         self.card = ModelCard(source="fake", precision="fp32", device="cpu", llm_family="chat", untrained=untrained,
                               notes=("a fake backend for tests",) if untrained else (), context_length=2048)
-        self.delay, self.words, self.notice = delay, words, notice
+        self.delay, self.words, self.notice, self.report_ids = delay, words, notice, report_ids
         self.calls: list[dict] = []
         self.streams: list[FakeStream] = []
 
@@ -65,12 +75,13 @@ class FakeBackend:
         self.check_image(image)
         tag = hashlib.sha256(image).hexdigest()[:8]
         words = [f"{w} " for w in (["answer", f"img-{tag}", f"to:{text[:20]}"] + ["word"] * self.words)][: 3 + self.words]
-        stream = FakeStream(words, self.delay, self.notice)
+        stream = FakeStream(words, self.delay, self.notice, self.report_ids)
         self.streams.append(stream)
         return stream
 
     def chat(self, image, history, message, settings):
-        self.calls.append(dict(kind="chat", history=list(history), message=message, settings=dict(settings)))
+        self.calls.append(dict(kind="chat", history=copy.deepcopy(list(history)), message=message,
+                               settings=dict(settings)))
         return self._stream(image, message)
 
     def caption(self, image, settings):
@@ -92,6 +103,13 @@ class _Conversation:
 
 def _now():
     return datetime.now(timezone.utc)
+
+
+def _copy_ids(token_ids):
+    return None if token_ids is None else [int(i) for i in token_ids]
+
+
+_UNSET = object()
 
 
 class MemoryStore:
@@ -162,7 +180,7 @@ class MemoryStore:
         except KeyError:
             raise NotFound("no such image") from None
 
-    def add_message(self, owner, cid, role, text, *, status="done", error=None, image_hash=None):
+    def add_message(self, owner, cid, role, text, *, status="done", error=None, image_hash=None, token_ids=None):
         self._check()
         if role not in ROLES or status not in STATUSES:
             raise ValueError(f"bad role or status: {role!r}, {status!r}")
@@ -170,13 +188,13 @@ class MemoryStore:
             conv = self._conv(owner, cid)
             mid = f"m{self._next_id}"
             self._next_id += 1
-            view = MessageView(mid, role, text, status, error, image_hash, _now())
+            view = MessageView(mid, role, text, status, error, image_hash, _now(), _copy_ids(token_ids))
             conv.messages.append(view)
             conv.updated_at = _now()
             self._messages[mid] = (cid, view)
             return mid
 
-    def update_message(self, owner, message_id, *, text=None, status=None, error=None):
+    def update_message(self, owner, message_id, *, text=None, status=None, error=None, token_ids=_UNSET):
         self._check()
         cid, view = self._messages.get(message_id, (None, None))
         if view is None:
@@ -184,6 +202,9 @@ class MemoryStore:
         self._conv(owner, cid)
         if text is not None:
             view.text = text
+            view.token_ids = None  # as ConversationStore: ids belong to the text they were generated as
+        if token_ids is not _UNSET:
+            view.token_ids = _copy_ids(token_ids)
         if status is not None:
             if status not in STATUSES:
                 raise ValueError(f"bad status {status!r}")

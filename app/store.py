@@ -6,8 +6,8 @@ do not exist (`NotFound`), so ids leak nothing. Images are stored once by conten
 `<data_dir>/images/ab/cdef...`; the database records which conversations and messages reference them.
 
 Failures the chat can live with (database locked, server down) surface as `StoreUnavailable` after a short retry:
-the UI keeps chatting and tells the user that history is not being saved. The schema is managed by Alembic
-(`app/migrations/`); the store upgrades the database to the newest revision when it first connects.
+the UI keeps chatting and tells the user that history is not being saved. The tables are in app/tables.py; the
+store brings the database to the newest Alembic revision (app/migrate.py) when it first connects.
 
 No torch here (tests/test_boundaries.py): the app talks to the model through app/backend.py.
 """
@@ -30,51 +30,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    JSON,
-    CheckConstraint,
-    DateTime,
-    Double,
-    Engine,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    exists,
-    func,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Engine, create_engine, delete, event, exists, func, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
+
+from app.migrate import upgrade
+from app.tables import MAX_OWNER, MAX_TITLE, ROLES, STATUSES, Base, Conversation, Generation, Image, Message
 
 __all__ = [
     "StoreError", "NotFound", "StoreUnavailable",
     "MessageView", "ConversationSummary", "ConversationView", "ConversationStore",
-    "ROLES", "STATUSES",
 ]
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-ROLES = ("user", "assistant", "system")
-STATUSES = ("pending", "streaming", "done", "stopped", "error")
-MAX_TITLE = 200
-MAX_OWNER = 255
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _MIME_RE = re.compile(r"image/[a-z0-9][a-z0-9.+-]{0,60}")
 _UNSET: Any = object()
-_PG_MIGRATION_LOCK = 0x626C697032  # "blip2": serialises concurrent `upgrade head` of several app processes
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
@@ -102,6 +76,7 @@ class MessageView:
     error: str | None
     image_hash: str | None
     created_at: datetime
+    token_ids: list[int] | None = None  # what the model generated for `text`; None when unknown
 
 
 @dataclass
@@ -122,99 +97,6 @@ class ConversationView:
     messages: list[MessageView]
     created_at: datetime
     updated_at: datetime
-
-
-# ---------------------------------------------------------------------------------------------------------- schema
-
-class UTCDateTime(TypeDecorator):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores naive text; we read it back as UTC)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use datetime.now(timezone.utc)")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
-NAMING = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), float: Double()}
-
-
-class Image(Base):
-    """One stored file per distinct content; shared by every conversation (of any owner) that uses it."""
-
-    __tablename__ = "images"
-    hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex; file at images/ab/cdef...
-    mime: Mapped[str] = mapped_column(String(100))
-    size: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime]
-
-
-class Conversation(Base):
-    __tablename__ = "conversations"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # secrets.token_urlsafe(16): not guessable
-    owner: Mapped[str] = mapped_column(String(MAX_OWNER))
-    title: Mapped[str] = mapped_column(String(MAX_TITLE))
-    settings: Mapped[dict[str, Any]]  # decoding settings remembered for this conversation
-    image_hash: Mapped[str | None] = mapped_column(ForeignKey("images.hash"), index=True)  # current image
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
-    __table_args__ = (Index("ix_conversations_owner_updated_at", "owner", "updated_at"),)
-
-
-class Message(Base):
-    __tablename__ = "messages"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
-    seq: Mapped[int]  # 1, 2, 3... within the conversation
-    role: Mapped[str] = mapped_column(String(16))
-    text: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))
-    error: Mapped[str | None] = mapped_column(Text)
-    image_hash: Mapped[str | None] = mapped_column(ForeignKey("images.hash"), index=True)
-    created_at: Mapped[datetime]
-    __table_args__ = (
-        UniqueConstraint("conversation_id", "seq"),  # also the index for "messages of a conversation in order"
-        CheckConstraint("role IN ('user', 'assistant', 'system')", name="role"),
-        CheckConstraint("status IN ('pending', 'streaming', 'done', 'stopped', 'error')", name="status"),
-    )
-
-
-class Generation(Base):
-    """How an assistant message was produced: model, precision, device, decoding settings, tokens, timings."""
-
-    __tablename__ = "generations"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
-    model: Mapped[str] = mapped_column(String(500))
-    precision: Mapped[str] = mapped_column(String(32))
-    device: Mapped[str] = mapped_column(String(100))
-    settings: Mapped[dict[str, Any]]
-    prompt_tokens: Mapped[int]
-    new_tokens: Mapped[int]
-    latency_s: Mapped[float]
-    first_token_s: Mapped[float | None]
-    created_at: Mapped[datetime]
 
 
 # ----------------------------------------------------------------------------------------------------------- store
@@ -298,6 +180,15 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _clean_token_ids(token_ids: list[int] | None) -> list[int] | None:
+    if token_ids is None:
+        return None
+    if not isinstance(token_ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in token_ids):
+        raise ValueError("token_ids must be a list of ints or None")
+    return [int(i) for i in token_ids]
+
+
 class ConversationStore:
     """Conversations, messages, images and generation records, filtered by owner in every method.
 
@@ -378,10 +269,21 @@ class ConversationStore:
     def _ensure_schema(self) -> None:
         if self._schema_ready:
             return
+        from alembic.util import CommandError
+
         with self._schema_lock:
-            if not self._schema_ready:
+            if self._schema_ready:
+                return
+            try:
                 upgrade(self._write_engine)
-                self._schema_ready = True
+            except CommandError as exc:  # e.g. the database's revision is unknown: written by a newer app
+                raise StoreError(f"The history database has a schema this version of the app does not know ({exc})."
+                                 " Upgrade the app, or point it at another database.") from exc
+            except (sa_exc.OperationalError, sa_exc.InterfaceError):
+                raise  # transient: the caller retries or reports StoreUnavailable
+            except sa_exc.DBAPIError as exc:  # e.g. no CREATE privilege on PostgreSQL
+                raise StoreError(f"The history tables could not be created or upgraded: {_reason(exc)}") from exc
+            self._schema_ready = True
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[Session]:
@@ -585,12 +487,15 @@ class ConversationStore:
 
     @_guarded("saved")
     def add_message(self, owner: str, conversation_id: str, role: str, text: str, *, status: str = "done",
-                    error: str | None = None, image_hash: str | None = None) -> str:
-        """Append a message; `image_hash` must be an image this owner already saved (save_image)."""
+                    error: str | None = None, image_hash: str | None = None,
+                    token_ids: list[int] | None = None) -> str:
+        """Append a message; `image_hash` must be an image this owner already saved (save_image), `token_ids` the
+        ids the model generated for `text`, if known."""
         _check_choice("role", role, ROLES)
         _check_choice("status", status, STATUSES)
         if not isinstance(text, str):
             raise ValueError("text must be a string")
+        token_ids = _clean_token_ids(token_ids)
         with self._tx(write=True) as s:
             c = self._conversation(s, owner, conversation_id, lock=True)
             if image_hash is not None:
@@ -600,23 +505,31 @@ class ConversationStore:
             seq = (s.scalar(select(func.max(Message.seq)).where(Message.conversation_id == c.id)) or 0) + 1
             now = _now()
             msg = Message(id=_new_id(), conversation_id=c.id, seq=seq, role=role, text=text, status=status,
-                          error=error, image_hash=image_hash, created_at=now)
+                          error=error, image_hash=image_hash, token_ids=token_ids, created_at=now)
             s.add(msg)
             c.updated_at = now
         return msg.id
 
     @_guarded("saved")
     def update_message(self, owner: str, message_id: str, *, text: str | None = None, status: str | None = None,
-                       error: str | None = _UNSET) -> None:
-        """Change a message's text and/or status; `error=None` passed explicitly clears the error."""
+                       error: str | None = _UNSET, token_ids: list[int] | None = _UNSET) -> None:
+        """Change a message's text and/or status; `error=None` passed explicitly clears the error.
+
+        `token_ids` belong to the text: a new text without them drops the old ones (they would quote the old text)."""
         if status is not None:
             _check_choice("status", status, STATUSES)
         if text is not None and not isinstance(text, str):
             raise ValueError("text must be a string")
+        if token_ids is not _UNSET:
+            token_ids = _clean_token_ids(token_ids)
+        elif text is not None:
+            token_ids = None
         with self._tx(write=True) as s:
             msg, conv = self._message(s, owner, message_id)
             if text is not None:
                 msg.text = text
+            if token_ids is not _UNSET:
+                msg.token_ids = token_ids
             if status is not None:
                 msg.status = status
             if error is not _UNSET:
@@ -686,7 +599,8 @@ class ConversationStore:
             "conversation": {"id": c.id, "title": c.title, "settings": c.settings, "image_hash": c.image_hash,
                              "created_at": c.created_at.isoformat(), "updated_at": c.updated_at.isoformat()},
             "messages": [
-                {**{k: v for k, v in asdict(_message_view(m)).items() if k != "created_at"},
+                # token_ids stay out: they mean something only to the tokenizer that produced them.
+                {**{k: v for k, v in asdict(_message_view(m)).items() if k not in ("created_at", "token_ids")},
                  "seq": m.seq, "created_at": m.created_at.isoformat(), "generations": by_msg.get(m.id, [])}
                 for m in msgs
             ],
@@ -732,7 +646,8 @@ class ConversationStore:
 
 
 def _message_view(m: Message) -> MessageView:
-    return MessageView(m.id, m.role, m.text, m.status, m.error, m.image_hash, m.created_at)
+    token_ids = list(m.token_ids) if m.token_ids is not None else None
+    return MessageView(m.id, m.role, m.text, m.status, m.error, m.image_hash, m.created_at, token_ids)
 
 
 def _fmt(iso: str) -> str:
@@ -749,39 +664,3 @@ def _insert_ignore(s: Session, model: type[Base], values: dict):
     else:
         raise StoreError(f"unsupported database backend {name!r} (use SQLite or PostgreSQL)")
     return insert(model).values(**values).on_conflict_do_nothing()
-
-
-# ------------------------------------------------------------------------------------------------------ migrations
-
-def alembic_config():
-    """The Alembic configuration for app/migrations/, built in code (there is no alembic.ini)."""
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return cfg
-
-
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the database schema to `revision` (Alembic `upgrade`), in one transaction.
-
-    On PostgreSQL an advisory lock makes concurrent starts of several app processes take turns; on SQLite the
-    write transaction (BEGIN IMMEDIATE) does the same. A database from a newer version of the app raises StoreError.
-    """
-    from alembic import command
-    from alembic.util import CommandError
-
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-        cfg.attributes["connection"] = conn
-        try:
-            command.upgrade(cfg, revision)
-        except CommandError as exc:
-            raise StoreError(f"The history database has a schema this version of the app does not know ({exc}). "
-                             "Upgrade the app, or point it at another database.") from exc
-        except (sa_exc.OperationalError, sa_exc.InterfaceError):
-            raise  # transient: the caller retries or reports StoreUnavailable
-        except sa_exc.DBAPIError as exc:  # e.g. no CREATE privilege on PostgreSQL
-            raise StoreError(f"The history tables could not be created or upgraded: {_reason(exc)}") from exc

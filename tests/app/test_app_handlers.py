@@ -10,6 +10,7 @@ from PIL import Image
 
 from app.chat import (BEAM, DEFAULT_DECODING, SAMPLING, ChatApp, UserError, chat_messages, controls_from_settings,
                       model_history, new_session, owner_for, settings_from_controls)
+from app.backend import ReplyStats
 from app.fakes import FakeBackend, MemoryStore
 from app.store import ConversationStore
 
@@ -85,6 +86,81 @@ def test_chat_streams_persists_and_keeps_history(app, store):
     assert store.image_bytes(s["owner"], view.messages[0].image_hash) == png()
     msgs = chat_messages(s)
     assert msgs[0]["role"] == "assistant" and "New picture" in msgs[0]["content"]
+
+
+def test_reply_token_ids_come_back_in_later_turns(store):
+    app = ChatApp(FakeBackend(report_ids=True), store)
+    s = session_for()
+    app.set_image(s, png(), "x.png")
+    drain(app.send(s, "q1"))
+    first = app.backend.streams[-1].reply
+    assert first.token_ids  # the fake reports ids, like a backend that can quote its own replies
+    drain(app.send(s, "q2"))
+    assert app.backend.calls[-1]["history"] == [("q1", first.text, first.token_ids)]
+    saved = store.get_conversation(s["owner"], s["conversation_id"]).messages
+    assert [m.token_ids for m in saved if m.role == "assistant"] == [first.token_ids,
+                                                                     app.backend.streams[-1].reply.token_ids]
+
+
+def test_reply_token_ids_survive_a_store_reopen(tmp_path):
+    store = ConversationStore(data_dir=tmp_path / "data")
+    app = ChatApp(FakeBackend(report_ids=True), store)
+    s = session_for()
+    app.set_image(s, png(), "x.png")
+    drain(app.send(s, "q1"))
+    drain(app.send(s, "q2"))
+    replies = [stream.reply for stream in app.backend.streams]
+    store.close()
+
+    with ConversationStore(data_dir=tmp_path / "data") as reopened:  # an app restart
+        app = ChatApp(FakeBackend(report_ids=True), reopened)
+        resumed = session_for(s["owner"])
+        app.open_conversation(resumed, s["conversation_id"])
+        drain(app.send(resumed, "q3"))
+        assert app.backend.calls[-1]["history"] == [("q1", replies[0].text, replies[0].token_ids),
+                                                    ("q2", replies[1].text, replies[1].token_ids)]
+
+
+def test_stopped_reply_sends_no_token_ids(store):
+    app = ChatApp(FakeBackend(report_ids=True, words=50), store)
+    s = session_for()
+    app.set_image(s, png(), "x.png")
+    gen = app.send(s, "long answer please")
+    for i, _ in enumerate(gen):
+        if i == 4:
+            break
+    gen.close()
+    stopped = app.backend.streams[-1].reply
+    assert stopped.cancelled and stopped.token_ids  # the model knows them, but they end mid-reply
+    assert store.get_conversation(s["owner"], s["conversation_id"]).messages[-1].token_ids is None
+    drain(app.send(s, "and?"))
+    assert app.backend.calls[-1]["history"] == [("long answer please", stopped.text)]
+
+
+def test_token_ids_of_a_different_text_are_not_sent(store):
+    """Ids are kept only when they spell the text that was shown and saved."""
+    class DifferentFinalText:  # streams one text, reports ids for another
+        reply = None
+
+        def __iter__(self):
+            yield "shown text"
+            self.reply = ReplyStats(text="final text", prompt_tokens=3, new_tokens=2, seconds=0.1, token_ids=[1, 2])
+
+        def cancel(self):
+            pass
+
+    class Backend(FakeBackend):
+        def chat(self, image, history, message, settings):
+            super().chat(image, history, message, settings)  # records the call
+            return DifferentFinalText()
+
+    app = ChatApp(Backend(), store)
+    s = session_for()
+    app.set_image(s, png(), "x.png")
+    drain(app.send(s, "q1"))
+    drain(app.send(s, "q2"))
+    assert app.backend.calls[-1]["history"] == [("q1", "shown text")]
+    assert all(m.token_ids is None for m in store.get_conversation(s["owner"], s["conversation_id"]).messages)
 
 
 def test_new_image_starts_new_visual_context(app):

@@ -23,16 +23,9 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from app.store import (
-    Base,
-    ConversationStore,
-    Generation,
-    Image,
-    Message,
-    NotFound,
-    StoreError,
-    StoreUnavailable,
-)
+from app.migrate import alembic_config, upgrade
+from app.store import ConversationStore, NotFound, StoreError, StoreUnavailable
+from app.tables import Base, Generation, Image, Message
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("BLIP2_TEST_POSTGRES_URL")
@@ -156,6 +149,29 @@ def test_settings_json_round_trip(store):
     for bad in [{"x": object()}, {"x": float("nan")}, ["not", "a", "dict"]]:
         with pytest.raises(ValueError):
             store.update_settings("alice", c, bad)
+
+
+def test_token_ids_belong_to_the_text(db_url, data_dir):
+    with ConversationStore(db_url, data_dir) as store:
+        c = store.create_conversation("alice")
+        a = store.add_message("alice", c, "assistant", "A red house.", token_ids=[71, 2, 3008, 4])
+        b = store.add_message("alice", c, "assistant", "", status="streaming")
+        store.update_message("alice", b, text="A cat.", status="done", token_ids=(5, 6))
+        view = store.get_conversation("alice", c)
+        assert [m.token_ids for m in view.messages] == [[71, 2, 3008, 4], [5, 6]]
+        view.messages[0].token_ids.append(99)  # views are copies
+        assert "token_ids" not in store.export_json("alice", c)["messages"][0]  # the tokenizer's business only
+        for bad in [[1, "2"], [1.5], [True], "12", 7]:
+            with pytest.raises(ValueError, match="token_ids"):
+                store.update_message("alice", a, token_ids=bad)
+    with ConversationStore(db_url, data_dir) as store:  # kept across a restart
+        assert [m.token_ids for m in store.get_conversation("alice", c).messages] == [[71, 2, 3008, 4], [5, 6]]
+        store.update_message("alice", a, status="done")  # the text is unchanged: so are its ids
+        assert store.get_conversation("alice", c).messages[0].token_ids == [71, 2, 3008, 4]
+        store.update_message("alice", a, text="A red house!")  # new text, no ids given: the old ids are dropped
+        store.update_message("alice", b, token_ids=None)
+        store.add_message("alice", c, "user", "q")
+        assert [m.token_ids for m in store.get_conversation("alice", c).messages] == [None, None, None]
 
 
 # ------------------------------------------------------------------------------------------------------- isolation
@@ -480,8 +496,6 @@ def test_migrations_create_exactly_the_models(store):
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from app.store import alembic_config
-
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     with store.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -507,3 +521,40 @@ def test_reopening_keeps_rows_and_newer_schema_is_refused(db_url, data_dir):
     with pytest.raises(StoreError, match="schema this version of the app does not know") as err:
         ConversationStore(db_url, data_dir)
     assert not isinstance(err.value, StoreUnavailable)
+
+
+def test_upgrade_from_0001_keeps_rows(db_url, data_dir):
+    """A database written by the first release (revision 0001) is upgraded when the store opens it."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import insert
+
+    from app.tables import Conversation
+
+    if db_url is None:
+        data_dir.mkdir(parents=True)
+        engine = create_engine(f"sqlite:///{data_dir / 'blip2.sqlite3'}")
+    else:
+        engine = create_engine(db_url)
+    upgrade(engine, "0001")
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:  # only columns that exist at 0001
+        conn.execute(insert(Conversation.__table__).values(id="c1", owner="alice", title="Old", settings={},
+                                                           image_hash=None, created_at=now, updated_at=now))
+        conn.execute(insert(Message.__table__).values(id="m1", conversation_id="c1", seq=1, role="user", text="q",
+                                                      status="done", error=None, image_hash=None, created_at=now))
+        conn.execute(insert(Message.__table__).values(id="m2", conversation_id="c1", seq=2, role="assistant",
+                                                      text="a", status="done", error=None, image_hash=None,
+                                                      created_at=now))
+    engine.dispose()
+
+    with ConversationStore(db_url, data_dir) as store:
+        view = store.get_conversation("alice", "c1")
+        assert [(m.text, m.token_ids) for m in view.messages] == [("q", None), ("a", None)]
+        store.update_message("alice", "m2", token_ids=[1, 2])
+        assert store.get_conversation("alice", "c1").messages[1].token_ids == [1, 2]
+        with store.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert ctx.get_current_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert compare_metadata(ctx, Base.metadata) == []

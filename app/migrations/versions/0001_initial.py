@@ -13,7 +13,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-# Frozen copies of the column types as they were at this revision (never import app.store's models here).
+# Frozen copies of the column types as they were at this revision (never import app.tables here).
 UTC = sa.DateTime(timezone=True)
 
 
