@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import blip2  # noqa: E402
-from app.backend import BadImage, ModelCard, ReplyStats  # noqa: E402
+from app.backend import BadImage, HistoryTurn, ModelCard, ReplyStats  # noqa: E402
 
 try:  # ZeroGPU Spaces: run generation under spaces.GPU; elsewhere this decorator is a no-op
     import spaces  # type: ignore[import-not-found]
@@ -47,7 +47,8 @@ class _Stream:
             return None
         return ReplyStats(text=r.text, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens, seconds=r.seconds,
                           first_token_seconds=r.first_token_seconds, notice=r.notice, cancelled=r.cancelled,
-                          extra=dict(reused_prefix_tokens=r.reused_prefix_tokens, dropped_turns=r.dropped_turns))
+                          extra=dict(reused_prefix_tokens=r.reused_prefix_tokens, dropped_turns=r.dropped_turns),
+                          token_ids=list(r.token_ids))
 
 
 @_gpu
@@ -80,7 +81,9 @@ class Blip2Backend:
         except blip2.PromptTooLongError as exc:
             raise ValueError(str(exc)) from None
 
-    def chat(self, image: bytes, history: Sequence[tuple[str, str]], message: str, settings: dict) -> _Stream:
+    def chat(self, image: bytes, history: Sequence[HistoryTurn], message: str, settings: dict) -> _Stream:
+        # Turns pass through as they are: blip2 puts a turn's token ids (this conversation's own) back in the prompt
+        # where they still decode to its text, so the previous turn's key/values are reused.
         return self._start(lambda: self.model.chat(image, list(history), message, stream=True, **settings))
 
     def caption(self, image: bytes, settings: dict) -> _Stream:

@@ -351,16 +351,18 @@ def chat_turn(model, image, history, message, n, min_n=0):
 
 
 def part2_row(model, image, label, prev_questions, next_question, reply_tokens, repeats, precision, replies) -> dict:
-    """Ask ``prev_questions`` (their replies become the history), then time the first token of ``next_question``.
-    ``replies`` memoises (history, question) -> reply text across rows (greedy decoding is deterministic)."""
+    """Ask ``prev_questions`` (their replies, with their token ids, become the history), then time the first token
+    of ``next_question``. ``replies`` memoises (history, question) -> (reply text, token ids) across rows (greedy
+    decoding is deterministic)."""
     tag = f"[part 2 {precision}] {label}"
     history = []
     for q in prev_questions:
-        key = (tuple(history), q)
+        key = (tuple((user, text) for user, text, _ in history), q)
         if key not in replies:
             model.clear_caches()
-            replies[key] = chat_turn(model, image, history, q, reply_tokens, reply_tokens).text
-        history.append((q, replies[key]))
+            reply = chat_turn(model, image, history, q, reply_tokens, reply_tokens)
+            replies[key] = (reply.text, reply.token_ids)
+        history.append((q, *replies[key]))
     before, last = history[:-1], history[-1]
 
     def cached():

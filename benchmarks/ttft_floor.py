@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         model = blip2.load("default", precision=args.precision, device="cpu")
 
     model.clear_caches()
-    history = [(TURN1, chat_turn(model, image, [], TURN1, 48, 48).text)]
+    first = chat_turn(model, image, [], TURN1, 48, 48)
+    history = [(TURN1, first.text, first.token_ids)]
     cached = []
     for _ in range(args.repeats):
         model.clear_caches()

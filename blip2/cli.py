@@ -104,7 +104,7 @@ def _chat_loop(model, image, settings: Decoding, stdin, stdout) -> None:
     from .images import load_image
 
     print(f"Chatting with {model.info.summary()}. Commands: /new IMAGE, /quit", file=stdout)
-    history: list[tuple[str, str]] = []
+    history: list[tuple[str, str, list[int] | None]] = []  # (you, model, the model's token ids)
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -128,8 +128,10 @@ def _chat_loop(model, image, settings: Decoding, stdin, stdout) -> None:
             continue
         stdout.write("model> ")
         try:
-            reply = _print_stream(model.chat(image, history, line, stream=True, **settings.to_dict()), stdout)
+            stream = model.chat(image, history, line, stream=True, **settings.to_dict())
+            reply = _print_stream(stream, stdout)
         except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
             stdout.write("\n(stopped)\n")
             continue
-        history.append((line, reply))
+        # With the ids it generated, the next turn's prompt extends this one exactly and its key/values are reused.
+        history.append((line, reply, stream.reply.token_ids if stream.reply else None))

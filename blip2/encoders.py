@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import CheckpointError
+from .weights import load_prefixed_state_dict
 
 
 class ImageEncoder(nn.Module):
@@ -145,8 +146,6 @@ def _build_transformers_tower(spec: dict, pretrained: bool) -> ImageEncoder:
             vision_config = Blip2VisionConfig(**vision_config.to_dict())
         model = Blip2VisionModel(vision_config)
         if pretrained:
-            from .checkpoint import load_prefixed_state_dict
-
             model.load_state_dict(load_prefixed_state_dict(source, "vision_model."), strict=True)
         return EvaViTEncoder(model, processor, source=source)
     config = AutoConfig.from_pretrained(source)

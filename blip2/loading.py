@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from . import compute
+from .bert_text import bert_text_weights
 from .checkpoint import (
     QFORMER_TOKENIZER_DIR,
     CheckpointConfig,
-    bert_text_weights,
     is_official_checkpoint,
     is_our_checkpoint,
     load_trained_weights,
@@ -24,9 +24,10 @@ from .checkpoint import (
 from .encoders import EvaViTEncoder, build_encoder
 from .errors import CheckpointError
 from .llm import family_of, load_llm
-from .model import IMAGE_FEATURE_NORMS, Blip2, ModelInfo
+from .model import Blip2, ModelInfo
 from .precision import LoadPlan, adapt_llm_to_cpu_kernels, resolve
 from .prompts import PromptFormat, default_format
+from .qformer import IMAGE_FEATURE_NORMS
 
 logger = logging.getLogger(__name__)
 

@@ -13,32 +13,34 @@ processors and beam search are transformers' own. On top of it this class adds:
 - reuse of the prompt prefix's key/value cache across chat turns (decoder-only LLMs with a plain dynamic cache,
   greedy or sampled decoding), so turn N only prefills what turn N added;
 - streaming with cancellation, a per-model lock (generation is not re-entrant), and context-length fitting.
+
+Those parts live in their own modules: :mod:`blip2.caches`, :mod:`blip2.streaming`, :mod:`blip2.conversation` (chat
+history and context fitting) and :mod:`blip2.qformer` (the Q-Former pass training shares).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers import StoppingCriteriaList, TextIteratorStreamer
+from transformers.cache_utils import DynamicCache
 
 from . import compute
+from .caches import LRU, PrefixCache, common_prefix, is_plain_dynamic
+from .conversation import cut, fit_prompt, known_reply_ids, split_history
 from .decoding import Decoding
 from .encoders import ImageEncoder
-from .errors import PromptTooLongError
 from .images import image_digest, load_image
 from .prompts import PromptFormat, Rendered, Turn, prompt_ids
-
-logger = logging.getLogger(__name__)
+from .qformer import QFORMER_TEXT_TOKENS, run_qformer
+from .streaming import CancelCriteria, FirstTokenTimer, TextStream
 
 
 @dataclass
@@ -64,7 +66,9 @@ class Reply:
     """One finished generation."""
 
     text: str
-    token_ids: list[int]  # the generated tokens (special tokens included)
+    # The generated tokens (special tokens included). Pass them back with the reply in the next chat call's history
+    # ((user, text, token_ids)): the next prompt then holds exactly what the model generated, see Blip2.chat.
+    token_ids: list[int]
     prompt_tokens: int
     new_tokens: int
     seconds: float
@@ -83,136 +87,6 @@ class Reply:
         if self.truncated_message:
             parts.append("your message was cut short")
         return ("The conversation was too long for the model: " + " and ".join(parts) + ".") if parts else None
-
-
-QFORMER_TEXT_TOKENS = 32  # instruction tokens an instruction-aware Q-Former reads
-
-
-IMAGE_FEATURE_NORMS = ("none", "layernorm")
-
-
-def normalize_image_features(image_embeds: torch.Tensor, kind: str = "none") -> torch.Tensor:
-    """``layernorm``: each image token standardised over its channels (no learned scale), as a ViT's final LayerNorm
-    leaves its features. Towers whose raw features are tiny (EfficientNet's final map: mean |x| ~ 0.1) otherwise
-    reach the Q-Former's cross-attention as a faint signal: colour stayed linearly decodable from the queries but
-    too weak for the frozen LLM to read."""
-    if kind == "none":
-        return image_embeds
-    if kind == "layernorm":
-        return torch.nn.functional.layer_norm(image_embeds.float(), image_embeds.shape[-1:]).to(image_embeds.dtype)
-    raise ValueError(f"Unknown image feature normalisation {kind!r}; use one of {IMAGE_FEATURE_NORMS}.")
-
-
-def run_qformer(qformer, query_tokens, image_embeds, text_embeddings=None, text=None, image_norm: str = "none"
-                ) -> torch.Tensor:
-    """(B, N, D) image features -> (B, Q, H) query outputs. With ``text_embeddings`` and tokenized ``text``
-    (``input_ids``, ``attention_mask``), the text joins the queries in self-attention (bidirectional, padding
-    hidden), as InstructBLIP's Q-Former does; only the Q query outputs are returned. Training and serving share
-    this function."""
-    image_embeds = normalize_image_features(image_embeds, image_norm)
-    queries = query_tokens.expand(image_embeds.shape[0], -1, -1)
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    if text_embeddings is None:
-        return qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                       return_dict=True).last_hidden_state
-    device = queries.device
-    input_ids, text_mask = text["input_ids"].to(device), text["attention_mask"].to(device)
-    hidden = text_embeddings(input_ids=input_ids, query_embeds=queries)  # (B, Q+T, H)
-    mask = torch.cat([torch.ones(queries.shape[:2], dtype=text_mask.dtype, device=device), text_mask], dim=1)
-    out = qformer(query_embeds=hidden, query_length=queries.shape[1], attention_mask=mask,
-                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True)
-    return out.last_hidden_state[:, : queries.shape[1]]
-
-
-class _CancelCriteria(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _LRU(OrderedDict):
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
-
-
-class TextStream:
-    """Iterates text chunks as the model produces them. ``cancel()`` (or closing the iterator, or leaving the
-    ``with`` block) stops generation at the next token. After iteration, ``reply`` holds the finished Reply.
-
-    ``follow_up(reply)``, if given, runs in the same worker thread once the reply is done (the iterator has already
-    ended by then): work for the *next* turn that nobody waits for. ``wait()`` waits for it too."""
-
-    def __init__(self, start, streamer: TextIteratorStreamer | None, cancel: threading.Event, follow_up=None):
-        self._cancel = cancel
-        self._streamer = streamer
-        self._result: dict = {}
-        self._done = threading.Event()
-        # On blip2's compute thread (see blip2.compute), which the interpreter waits for at exit rather than
-        # killing it inside a torch kernel or the follow-up (that aborts the process: "terminate called without an
-        # active exception"). Cancelled or consumed streams end within a token; an abandoned one finishes its reply.
-        self._job = compute.submit(self._work, start, follow_up)
-
-    def _work(self, start, follow_up):
-        try:
-            self._result["reply"] = start()
-        except BaseException as exc:  # re-raised in the consumer's thread
-            self._result["error"] = exc
-            if self._streamer is not None:
-                self._streamer.end()
-        finally:
-            self._done.set()
-        if follow_up is not None and "reply" in self._result:
-            _run_follow_up(follow_up, self._result["reply"])  # after the reply is handed over; wait() waits for it
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            if self._streamer is not None:
-                for chunk in self._streamer:
-                    if chunk:
-                        yield chunk
-            self._done.wait()
-            if "error" in self._result:
-                raise self._result["error"]
-            if self._streamer is None:  # beam search cannot stream: the whole text comes at the end
-                yield self._result["reply"].text
-        finally:
-            self.cancel()
-            self._done.wait()
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def wait(self) -> Reply | None:
-        """Wait until the worker is finished, follow-up work included; returns the reply."""
-        self._job.result()
-        return self.reply
-
-    @property
-    def reply(self) -> Reply | None:
-        return self._result.get("reply")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.cancel()
-        self._done.wait()
-
-
-def _run_follow_up(follow_up, reply) -> None:
-    try:
-        follow_up(reply)
-    except Exception:  # an optimisation for the next turn: never worth failing the finished one
-        logger.warning("Preparing the next chat turn failed; it will be computed in full.", exc_info=True)
 
 
 class Blip2(nn.Module):
@@ -247,17 +121,13 @@ class Blip2(nn.Module):
         # queries extract what is asked. None for the official checkpoints and plain BLIP-2.
         self.qformer_embeddings = qformer_embeddings
         self.qformer_tokenizer = qformer_tokenizer
-        self.image_feature_norm = image_feature_norm  # see normalize_image_features
+        self.image_feature_norm = image_feature_norm  # see blip2.qformer.normalize_image_features
         self.image_token_id = image_token_id
         self.prompt_format = prompt_format
         self.info = info
         self.is_encoder_decoder = bool(language_model.config.is_encoder_decoder)
-        self._query_cache = _LRU(query_cache_size)  # image digest -> (1, Q, H_llm) on the LLM's device
-        self._prefix_caches: list[tuple[str, list[int], DynamicCache]] = []
-        self._prefix_cache_size = prefix_cache_size
-        # reply text -> the ids generated for it. Not a cache of computation but what the model said: kept by
-        # clear_caches() so a turn gets the same prompt ids whether its key/values are reused or recomputed.
-        self._reply_ids = _LRU(256)
+        self._query_cache = LRU(query_cache_size)  # image digest -> (1, Q, H_llm) on the LLM's device
+        self._prefix_cache = PrefixCache(prefix_cache_size)
         self._lock = threading.RLock()
 
     # -- properties ------------------------------------------------------------------------------------------
@@ -288,7 +158,7 @@ class Blip2(nn.Module):
         """Forget cached image queries and key/value prefixes (e.g. to measure uncached latency)."""
         with self._lock:
             self._query_cache.clear()
-            self._prefix_caches.clear()
+            self._prefix_cache.clear()
 
     # -- image -> soft prompt --------------------------------------------------------------------------------
     @property
@@ -351,8 +221,8 @@ class Blip2(nn.Module):
     def stream(self, image, prompt: str | None = None, **decoding) -> TextStream:
         return self._start(image, self._raw(prompt), 0, lambda _: prompt or "", decoding)
 
-    def _raw(self, prompt: str | None):
-        return lambda drop, cut: self.prompt_format.raw(_cut(prompt or "", cut), self.tokenizer)
+    def _raw(self, prompt: str | None) -> Callable[[int, int], list[int]]:
+        return lambda drop, chars: self._tokenize(self.prompt_format.raw(cut(prompt or "", chars), self.tokenizer))
 
     def caption(self, image, **decoding) -> str:
         return self.generate(image, self.prompt_format.caption_prompt, **decoding)
@@ -361,43 +231,58 @@ class Blip2(nn.Module):
         return self.chat(image, [], question, **decoding)
 
     def chat(self, image, history: Sequence, message: str, *, stream: bool = False, **decoding):
-        """Reply to ``message`` about ``image`` after earlier ``history`` turns (pairs of (user, assistant) text,
-        or role/content dicts). Returns the reply text, or a :class:`TextStream` with ``stream=True``.
+        """Reply to ``message`` about ``image`` after earlier ``history`` turns. Returns the reply text, or a
+        :class:`TextStream` with ``stream=True``.
+
+        ``history`` items are ``(user, assistant)`` pairs, ``(user, assistant, assistant_token_ids)`` triples, or
+        role/content dicts (an assistant dict may carry ``"token_ids"``). Pass each reply's ``Reply.token_ids``
+        along: a model often generates a tokenization that re-tokenizing its text does not give back, and with its
+        own ids the next prompt extends the last one exactly, so that turn's key/values are reused whole. Only this
+        call's history is consulted, and only ids that decode to their reply's text (else the text is tokenized):
+        a conversation's prompt never depends on other conversations.
 
         An instruction-aware Q-Former reads the user message of the turn the image sits in (the first turn kept in
         the prompt), as in training; so every turn of a conversation shows the LLM the same soft prompt, and the
         key/values of the earlier turns stay valid for the next one."""
-        turns = _as_turns(history)
+        turns, ids_given = split_history(history)
+        reply_ids = {}
+        if self._can_reuse_replies:
+            reply_ids = known_reply_ids(zip((reply for _, reply in turns), ids_given), self.tokenizer)
 
-        def render(drop: int, cut: int) -> Rendered:
-            return self.prompt_format.conversation(
-                turns[drop:], _cut(message, cut), self.tokenizer, mark_replies=self._can_reuse_replies
+        def prompt(drop: int, chars: int) -> list[int]:
+            rendered = self.prompt_format.conversation(
+                turns[drop:], cut(message, chars), self.tokenizer, mark_replies=self._can_reuse_replies
             )
+            return self._tokenize(rendered, reply_ids)
 
         def instruction(dropped: int) -> str:
             return turns[dropped][0] if dropped < len(turns) else message
 
         if stream:  # chat front ends stream; the next turn is prepared in the stream's worker once the reply is out
-            return self._start(image, render, len(turns), instruction, decoding, self._next_turn_prefill(turns, message))
+            follow_up = self._next_turn_prefill(turns, message, reply_ids)
+            return self._start(image, prompt, len(turns), instruction, decoding, follow_up)
         # Without a stream (batch jobs, ask(), evaluation) nobody is reading while we could prefill: no follow-up.
-        return self._generate_ids(*self._prepare(image, render, len(turns), instruction, decoding), None,
+        return self._generate_ids(*self._prepare(image, prompt, len(turns), instruction, decoding), None,
                                   threading.Event()).text
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _prepare(self, image, render, num_turns: int, instruction, decoding: dict) -> tuple:
-        """Validate settings and image, render and fit the prompt, encode the image (cached): every error surfaces
-        here, in the caller's thread, before any generation starts. ``instruction(dropped)`` is the text an
-        instruction-aware Q-Former reads once ``dropped`` turns were dropped to fit (``num_turns``: the message)."""
+    def _prepare(self, image, prompt, num_turns: int, instruction, decoding: dict) -> tuple:
+        """Validate settings and image, tokenize and fit the prompt, encode the image (cached): every error surfaces
+        here, in the caller's thread, before any generation starts. ``prompt(drop, cut)`` is the prompt's ids with
+        the ``drop`` oldest turns left out and ``cut`` characters cut from the message's end (``num_turns``: how
+        many can be dropped); ``instruction(dropped)`` is the text an instruction-aware Q-Former reads once
+        ``dropped`` turns were dropped to fit (``num_turns``: the message)."""
         settings = Decoding.from_kwargs(**decoding)
         t0 = time.perf_counter()
         pil = load_image(image)
-        ids, dropped, cut = self._fit(render, num_turns, instruction(num_turns), settings)
+        ids, dropped, chars_cut = fit_prompt(prompt, num_turns, instruction(num_turns), self.context_length,
+                                             settings.max_new_tokens)
         # The text matters only to an instruction-aware Q-Former.
         digest, queries = self._encode_loaded(pil, instruction(dropped))
-        return digest, queries, ids, settings, t0, dropped, cut
+        return digest, queries, ids, settings, t0, dropped, chars_cut
 
-    def _start(self, image, render, num_turns: int, instruction, decoding: dict, follow_up=None) -> TextStream:
-        prepared = self._prepare(image, render, num_turns, instruction, decoding)
+    def _start(self, image, prompt, num_turns: int, instruction, decoding: dict, follow_up=None) -> TextStream:
+        prepared = self._prepare(image, prompt, num_turns, instruction, decoding)
         settings = prepared[3]
         cancel = threading.Event()
         streamer = None
@@ -412,80 +297,29 @@ class Blip2(nn.Module):
         # Decoder-only LLMs: their replies continue the prompt, so the generated ids can be fed back verbatim.
         return not self.is_encoder_decoder
 
-    def _tokenize(self, rendered: Rendered) -> list[int]:
-        return prompt_ids(rendered, self.tokenizer, self.image_token_id, self.num_query_tokens, self._reply_ids.get)
-
-    def _remember_reply(self, text: str, new_tokens: list[int]) -> None:
-        """Keep the ids this model generated for ``text``, so a later turn quoting the reply feeds them back
-        (see ``prompt_ids``); trailing special tokens (EOS) are left to the prompt template."""
-        special = set(self.tokenizer.all_special_ids)
-        while new_tokens and new_tokens[-1] in special:
-            new_tokens = new_tokens[:-1]
-        # ``text`` is these ids decoded with special tokens skipped, so the trailing ones dropped here change nothing.
-        if text and new_tokens:
-            self._reply_ids.put(text, new_tokens)
-
-    def _fit(self, render, num_turns: int, message: str, settings: Decoding) -> tuple[list[int], int, int]:
-        """Render and tokenize, dropping the oldest turns, then cutting the message, until prompt + reply fit."""
-        limit = self.context_length
-        ids = self._tokenize(render(0, 0))
-        if limit is None or len(ids) + settings.max_new_tokens <= limit:
-            return ids, 0, 0
-        for drop in range(1, num_turns + 1):
-            ids = self._tokenize(render(drop, 0))
-            if len(ids) + settings.max_new_tokens <= limit:
-                return ids, drop, 0
-        # Still too long: cut the message's tail, a character budget found by bisection on the real token count.
-        low, high = 0, len(message)
-        while low < high:
-            keep = (low + high + 1) // 2
-            if len(self._tokenize(render(num_turns, len(message) - keep))) + settings.max_new_tokens <= limit:
-                low = keep
-            else:
-                high = keep - 1
-        ids = self._tokenize(render(num_turns, len(message) - low))
-        if len(ids) + settings.max_new_tokens > limit:
-            raise PromptTooLongError(
-                f"The prompt needs {len(ids)} tokens and the reply {settings.max_new_tokens}, but this model takes "
-                f"{limit}. Lower max_new_tokens."
-            )
-        return ids, num_turns, len(message) - low
-
-    def _reusable_cache(self, digest: str, ids: list[int]) -> tuple[DynamicCache | None, int]:
-        """Take the cached key/values that share the longest prefix with ``ids`` (same image), cropped to it."""
-        best, best_len = None, 0
-        for index, (entry_digest, entry_ids, _) in enumerate(self._prefix_caches):
-            if entry_digest != digest:
-                continue
-            common = _common_prefix(entry_ids, ids)
-            if common > best_len:
-                best, best_len = index, common
-        # Keep at least one position to prefill: generate needs new input to produce the next token's logits.
-        best_len = min(best_len, len(ids) - 1)
-        if best is None or best_len <= self.num_query_tokens:
-            return None, 0
-        _, entry_ids, cache = self._prefix_caches.pop(best)
-        if cache.get_seq_length() > best_len:
-            cache.crop(best_len - cache.get_seq_length())
-        return cache, best_len
+    def _tokenize(self, rendered: Rendered, reply_ids: dict[str, list[int]] | None = None) -> list[int]:
+        """The prompt's ids; marked replies found in ``reply_ids`` (see ``known_reply_ids``) go in as those ids."""
+        return prompt_ids(rendered, self.tokenizer, self.image_token_id, self.num_query_tokens,
+                          reply_ids.get if reply_ids else None)
 
     def _can_reuse_prefix(self, settings: Decoding) -> bool:
         return not self.is_encoder_decoder and settings.num_beams == 1
 
     @compute.on_compute
     @torch.inference_mode()
-    def _generate_ids(self, digest, queries, ids, settings, t0, dropped, cut, streamer, cancel) -> Reply:
+    def _generate_ids(self, digest, queries, ids, settings, t0, dropped, chars_cut, streamer, cancel) -> Reply:
         device = self.llm_input_device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         attention_mask = torch.ones_like(input_ids)
         kwargs = settings.generate_kwargs()
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_CancelCriteria(cancel)])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([CancelCriteria(cancel)])
         # Beam search cannot stream in transformers; its first token time is then the whole generation.
-        timer = _FirstTokenTimer(streamer) if settings.num_beams == 1 else None
+        timer = FirstTokenTimer(streamer) if settings.num_beams == 1 else None
         with self._lock:
             cache, reused = (None, 0)
             if self._can_reuse_prefix(settings):
-                cache, reused = self._reusable_cache(digest, ids)
+                # Reusing less than the image slot saves nothing.
+                cache, reused = self._prefix_cache.take(digest, ids, more_than=self.num_query_tokens)
                 if cache is None:
                     cache = DynamicCache(config=self.language_model.config)
             embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -511,32 +345,30 @@ class Blip2(nn.Module):
                 )
                 sequences = out.sequences if extra else out
                 new_tokens = sequences[0, input_ids.shape[1]:]
-                if extra and _is_plain_dynamic(out.cache):
-                    self._remember_prefix(digest, sequences[0].tolist(), out.cache)
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        token_ids = new_tokens.tolist()
-        if self._can_reuse_replies:
-            self._remember_reply(text, token_ids)
+                if extra and is_plain_dynamic(out.cache):
+                    self._prefix_cache.put(digest, sequences[0].tolist(), out.cache)
         return Reply(
-            text=text,
-            token_ids=token_ids,
+            text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            token_ids=new_tokens.tolist(),
             prompt_tokens=len(ids),
             new_tokens=int(new_tokens.numel()),
             seconds=time.perf_counter() - t0,
             first_token_seconds=(timer.first_at - t0) if timer and timer.first_at else None,
             reused_prefix_tokens=reused,
             dropped_turns=dropped,
-            truncated_message=cut > 0,
+            truncated_message=chars_cut > 0,
             cancelled=cancel.is_set(),
         )
 
-    def _next_turn_prefill(self, turns: list[Turn], message: str):
+    def _next_turn_prefill(self, turns: list[Turn], message: str, reply_ids: dict[str, list[int]]):
         """A follow-up for a chat turn: once the reply is done, run the LLM over the part of the *next* turn's
         prompt that does not depend on the next message (the reply's last token, the end-of-turn and next-user
         markup), extending the cached key/values, so the next turn prefills only its own question. It is found
         by rendering the next turn with two different placeholder messages and keeping their common token
-        prefix; the next turn reuses it only where its real ids match (``_reusable_cache``), so a wrong guess
-        costs a few tokens of work, never a wrong answer. None where the prefix cannot be reused."""
+        prefix; the next turn reuses it only where its real ids match (``PrefixCache.take``), so a wrong guess
+        costs a few tokens of work, never a wrong answer. None where the prefix cannot be reused.
+
+        The next turn's history is this one's plus the reply with its ids, as a caller passes them back."""
         if not self._can_reuse_replies:
             return None
 
@@ -544,11 +376,12 @@ class Blip2(nn.Module):
             if reply.cancelled or reply.truncated_message or not reply.text:
                 return
             history = turns[reply.dropped_turns:] + [(message, reply.text)]
+            known = {**reply_ids, **known_reply_ids([(reply.text, reply.token_ids)], self.tokenizer)}
             a, b = (
-                self._tokenize(self.prompt_format.conversation(history, x, self.tokenizer, mark_replies=True))
+                self._tokenize(self.prompt_format.conversation(history, x, self.tokenizer, mark_replies=True), known)
                 for x in ("A", "B")
             )
-            self._extend_prefix(digest, a[: _common_prefix(a, b)])
+            self._extend_prefix(digest, a[: common_prefix(a, b)])
 
         return prefill
 
@@ -556,83 +389,16 @@ class Blip2(nn.Module):
     @torch.inference_mode()
     def _extend_prefix(self, digest: str, ids: list[int]) -> None:
         with self._lock:
-            for index in reversed(range(len(self._prefix_caches))):
-                entry_digest, entry_ids, cache = self._prefix_caches[index]
-                if entry_digest == digest and len(entry_ids) < len(ids) and ids[: len(entry_ids)] == entry_ids:
-                    break
-            else:
+            entry = self._prefix_cache.extendable(digest, ids)
+            if entry is None:
                 return
-            new = ids[len(entry_ids):]
+            new = ids[len(entry.ids):]
             if self.image_token_id in new:
                 return
             device = self.llm_input_device
             self.language_model(
                 input_ids=torch.tensor([new], device=device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                cache=cache, use_cache=True, logits_to_keep=1,
+                cache=entry.cache, use_cache=True, logits_to_keep=1,
             )
-            self._prefix_caches[index] = (digest, ids, cache)
-
-    def _remember_prefix(self, digest: str, sequence: list[int], cache: DynamicCache) -> None:
-        length = cache.get_seq_length()  # the last generated token is not in the cache yet
-        self._prefix_caches.append((digest, sequence[:length], cache))
-        del self._prefix_caches[: -self._prefix_cache_size]
-
-
-class _FirstTokenTimer:
-    """Streamer wrapper that records when the first generated token arrives (time to first token)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = 0
-        self.first_at: float | None = None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2 and self.first_at is None:  # call 1 is the prompt / decoder start
-            self.first_at = time.perf_counter()
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def end(self):
-        if self.first_at is None and self.calls:
-            self.first_at = time.perf_counter()
-        if self.inner is not None:
-            self.inner.end()
-
-
-def _is_plain_dynamic(cache) -> bool:
-    """Only full-attention dynamic layers can be cropped to a prefix and extended again safely."""
-    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _cut(text: str, remove: int) -> str:
-    return text[: len(text) - remove] if remove else text
-
-
-def _as_turns(history: Sequence) -> list[Turn]:
-    """Accept [(user, assistant), ...] or [{"role": ..., "content": ...}, ...] (the Gradio messages format)."""
-    turns: list[Turn] = []
-    pending_user: str | None = None
-    for item in history:
-        if isinstance(item, dict):
-            role, content = item.get("role"), item.get("content")
-            if not isinstance(content, str):
-                continue  # images or files in a messages list carry no text for the LLM
-            if role == "user":
-                pending_user = content if pending_user is None else f"{pending_user}\n{content}"
-            elif role == "assistant" and pending_user is not None:
-                turns.append((pending_user, content))
-                pending_user = None
-        else:
-            user, assistant = item
-            turns.append((str(user), str(assistant)))
-    return turns
+            entry.ids = ids

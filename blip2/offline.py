@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -85,7 +86,11 @@ def converted_smollm2() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
+        # transformers advises float32 for running a packed GGUF model fast; this one is never run, only saved as
+        # the bf16 folder later loads read, so the advice (a warning on every first start) does not apply here.
+        with _hidden_log_message("transformers.quantizers.quantizer_gguf",
+                                 "Loading a GGUF checkpoint with its weights packed"):
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
         # A GGUF-loaded model refuses save_pretrained until its (already dequantized) quantizer is detached.
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -99,3 +104,18 @@ def converted_smollm2() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextmanager
+def _hidden_log_message(logger_name: str, prefix: str):
+    """Drop the records of one logger that start with ``prefix`` while the block runs; everything else passes."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    log = logging.getLogger(logger_name)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)

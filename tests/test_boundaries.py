@@ -35,3 +35,27 @@ def test_no_source_file_crosses_the_boundary():
     for path in (ROOT / "app").rglob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
+
+
+def test_blip2_has_no_import_cycles():
+    import import_graph
+
+    edges = import_graph.graph()
+    assert "blip2.model" in edges and "blip2.checkpoint" in edges  # the graph was read (not vacuous)
+    assert import_graph.cycles({m: deps for m, deps in edges.items() if m.split(".")[0] == "blip2"}) == []
+
+
+def test_the_flow_is_one_way_in_the_import_graph():
+    """From the code's imports, lazy ones included: blip2 imports neither training, app nor research; training never
+    imports app or research (experiments use the product, never the reverse); app never imports blip2 (app.py, at
+    the top level, is what joins them); and no package has an import cycle."""
+    import import_graph
+
+    edges = import_graph.graph()
+    assert "training.stage2" in edges and "research.yes_no_head" in edges and "app.store" in edges
+    forbidden = {"blip2": {"training", "app", "research"}, "training": {"app", "research"},
+                 "app": {"blip2", "training", "research"}}
+    crossings = [(module, dep) for module, deps in edges.items() for dep in deps
+                 if dep.split(".")[0] in forbidden.get(module.split(".")[0], set())]
+    assert crossings == []
+    assert import_graph.cycles(edges) == []

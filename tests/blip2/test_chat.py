@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import blip2
-from blip2.model import _common_prefix
+from blip2.caches import common_prefix
+from blip2.conversation import known_reply_ids, split_history
 from blip2.prompts import IMAGE_SLOT
 from conftest import image
 
@@ -24,6 +25,36 @@ def model(our_checkpoint):
 @pytest.fixture(autouse=True)
 def fresh(model):
     model.clear_caches()
+
+
+@pytest.fixture
+def prompts(model, monkeypatch):
+    return record_prompts(model, monkeypatch)
+
+
+def record_prompts(model, monkeypatch) -> list[list[int]]:
+    """The prompt ids of every generation ``model`` runs from now on, as it ran them."""
+    seen = []
+    generate_ids = model._generate_ids
+
+    def spy(digest, queries, ids, *rest):
+        seen.append(list(ids))
+        return generate_ids(digest, queries, ids, *rest)
+
+    monkeypatch.setitem(model.__dict__, "_generate_ids", spy)
+    return seen
+
+
+def planned_prompt(model, history, message) -> list[int]:
+    """The prompt ids a chat call with ``history`` would build for ``message`` (nothing dropped to fit)."""
+    turns, ids = split_history(history)
+    known = known_reply_ids(zip((reply for _, reply in turns), ids), model.tokenizer)
+    return model._tokenize(model.prompt_format.conversation(turns, message, model.tokenizer, mark_replies=True), known)
+
+
+def char_by_char(model, text) -> list[int]:
+    """Ids that decode to ``text`` but are not the tokenizer's (nor usually the model's) tokenization of it."""
+    return [i for char in text for i in model.tokenizer(char, add_special_tokens=False)["input_ids"]]
 
 
 def test_image_slot_sits_in_first_user_turn_after_system(model):
@@ -51,7 +82,8 @@ def test_second_turn_reuses_caches_and_matches_recompute(model):
     try:
         first = model.chat(pil, [], "what is it?", stream=True, **GREEDY)
         reply1 = "".join(first).strip()
-        second = model.chat(pil, [("what is it?", reply1)], "and the colour?", stream=True, **GREEDY)
+        history = [("what is it?", reply1, first.reply.token_ids)]
+        second = model.chat(pil, history, "and the colour?", stream=True, **GREEDY)
         list(second)
     finally:
         hook.remove()
@@ -60,32 +92,34 @@ def test_second_turn_reuses_caches_and_matches_recompute(model):
     assert second.reply.reused_prefix_tokens > model.num_query_tokens
 
     model.clear_caches()  # the same turn computed from scratch must give the same tokens
-    recomputed = model.chat(pil, [("what is it?", reply1)], "and the colour?", stream=True, **GREEDY)
+    recomputed = model.chat(pil, history, "and the colour?", stream=True, **GREEDY)
     list(recomputed)
     assert recomputed.reply.reused_prefix_tokens == 0
     assert recomputed.reply.token_ids == second.reply.token_ids
 
 
-def test_next_turn_feeds_back_the_generated_ids_and_reuses_the_whole_last_turn(model):
+def test_next_turn_feeds_back_the_generated_ids_and_reuses_the_whole_last_turn(model, prompts):
     """A reply's text often re-tokenizes to other ids than the model generated; the next prompt must carry the
-    generated ids, so it extends the last turn's sequence exactly and the whole cached prefix is reused, plus the
-    end-of-turn markup prefilled after the reply streamed."""
-    pil = image(0)
+    generated ids (passed back in the history), so it extends the last turn's sequence exactly and the whole cached
+    prefix is reused, plus the end-of-turn markup prefilled after the reply streamed."""
+    pil = image(1)
     first = model.chat(pil, [], "what is it?", stream=True, **GREEDY)
     reply1 = "".join(first).strip()
     first.wait()  # the follow-up work for the next turn is done
     first_prompt = model._tokenize(model.prompt_format.conversation([], "what is it?", model.tokenizer))
     generated = first.reply.token_ids
     assert len(generated) == GREEDY["max_new_tokens"] and model.tokenizer.eos_token_id not in generated
+    assert model.tokenizer(reply1, add_special_tokens=False)["input_ids"] != generated  # the case this is about
 
-    history = [("what is it?", reply1)]
-    ids = model._tokenize(model.prompt_format.conversation(history, "and the colour?", model.tokenizer, mark_replies=True))
-    other = model._tokenize(model.prompt_format.conversation(history, "why?", model.tokenizer, mark_replies=True))
+    history = [("what is it?", reply1, generated)]
+    ids = planned_prompt(model, history, "and the colour?")
+    other = planned_prompt(model, history, "why?")
     assert ids[: len(first_prompt) + len(generated)] == first_prompt + generated
-    shared = _common_prefix(ids, other)  # what any next message starts with: reply + "<|im_end|>...user\n"
+    shared = common_prefix(ids, other)  # what any next message starts with: reply + "<|im_end|>...user\n"
     assert shared > len(first_prompt) + len(generated)
     second = model.chat(pil, history, "and the colour?", stream=True, **GREEDY)
     list(second)
+    assert prompts[-1] == ids
     assert second.reply.reused_prefix_tokens == shared
 
     model.clear_caches()  # and the prefilled cache gives exactly what computing it all does
@@ -95,13 +129,15 @@ def test_next_turn_feeds_back_the_generated_ids_and_reuses_the_whole_last_turn(m
     assert recomputed.reply.token_ids == second.reply.token_ids
 
 
-def test_an_edited_reply_is_tokenized_as_text(model):
+def test_an_edited_reply_is_tokenized_as_text(model, prompts):
     pil = image(0)
-    reply1 = model.chat(pil, [], "what is it?", **GREEDY)
-    history = [("what is it?", reply1 + " (edited)")]
-    marked = model.prompt_format.conversation(history, "and?", model.tokenizer, mark_replies=True)
-    plain = model.prompt_format.conversation(history, "and?", model.tokenizer)
-    assert model._tokenize(marked) == model._tokenize(plain)
+    first = model.chat(pil, [], "what is it?", stream=True, **GREEDY)
+    list(first)
+    edited = first.reply.text + " (edited)"
+    plain = model.prompt_format.conversation([("what is it?", edited)], "and?", model.tokenizer)
+    history = [("what is it?", edited, first.reply.token_ids)]  # the ids of the reply before the edit
+    model.chat(pil, history, "and?", max_new_tokens=1)
+    assert prompts[-1] == model._tokenize(plain)
 
 
 def test_new_image_does_not_reuse_the_old_prefix(model):
@@ -197,6 +233,98 @@ def test_history_accepts_messages_format(model):
     assert model.chat(image(0), pairs, "sure?", **GREEDY) == model.chat(image(0), messages, "sure?", **GREEDY)
 
 
+def test_reply_ids_travel_with_the_history_in_either_format(model, prompts):
+    ids = char_by_char(model, "a cat")
+    triples = [("what is it?", "a cat", ids)]
+    messages = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": "a cat", "token_ids": ids}]
+    model.chat(image(0), [("what is it?", "a cat")], "sure?", max_new_tokens=1)
+    model.chat(image(0), triples, "sure?", max_new_tokens=1)
+    model.chat(image(0), messages, "sure?", max_new_tokens=1)
+    as_text, from_triples, from_messages = prompts
+    assert from_triples == from_messages != as_text
+    assert _contains(from_triples, ids) and not _contains(as_text, ids)
+
+
+def test_reply_ids_that_do_not_decode_to_the_reply_are_ignored(model, prompts):
+    """Ids from another model, for another text or a since-edited message must not replace the reply's text."""
+    text = "the sky is blue"
+    model.chat(image(0), [("what is it?", text)], "sure?", max_new_tokens=1)
+    model.chat(image(0), [("what is it?", text, char_by_char(model, text))], "sure?", max_new_tokens=1)
+    as_text, with_ids = prompts
+    assert with_ids != as_text  # ids that decode to the text are used (so the cases below can fail)
+    wrong = [
+        model.tokenizer("the sky is red", add_special_tokens=False)["input_ids"],  # another text
+        char_by_char(model, text)[:-1],  # cut short
+        char_by_char(model, text) + [len(model.tokenizer) + 3],  # an id this vocabulary does not have
+        ["not", "ids"],
+    ]
+    for ids in wrong:
+        prompts.clear()
+        model.chat(image(0), [("what is it?", text, ids)], "sure?", max_new_tokens=1)
+        assert prompts == [as_text], ids
+
+
+@pytest.mark.parametrize("a_history, b_runs", [
+    ("with its own ids", "quoting A's reply with other ids"),
+    ("without ids", "quoting A's reply with other ids"),
+    ("quoting B's reply without ids", "generating that reply"),
+])
+def test_a_conversation_does_not_depend_on_other_conversations(model, our_checkpoint, monkeypatch, a_history, b_runs):
+    """Conversation A's second turn (its prompt ids, reply and key/value reuse) is the same whether or not
+    conversation B ran in between, where B's history holds A's reply text with other ids, or B generated a reply
+    whose text A's history holds without ids (short replies such as "a red square" recur across users). Each run
+    has a freshly loaded model to itself, so B is the only difference."""
+    pil_a, pil_b = image(1), image(0)
+    b = model.chat(pil_b, [], "hello", stream=True, **GREEDY)  # B's reply, learnt on another model instance
+    list(b)
+    b_text, b_ids = b.reply.text, b.reply.token_ids
+    # What makes B's ids matter: its text re-tokenizes to other ids, so a prompt quoting it differs with B's ids.
+    assert model.tokenizer(b_text, add_special_tokens=False)["input_ids"] != b_ids
+
+    def history_of_a(a_reply):
+        return {
+            "with its own ids": [("what is it?", a_reply.text, a_reply.token_ids)],
+            "without ids": [("what is it?", a_reply.text)],
+            "quoting B's reply without ids": [("what is it?", b_text)],
+        }[a_history]
+
+    def conversation_b(model, a_reply):
+        if b_runs == "generating that reply":
+            list(model.chat(pil_b, [], "hello", stream=True, **GREEDY))
+            return
+        other = char_by_char(model, a_reply.text)
+        assert model.tokenizer.decode(other) == a_reply.text and other != a_reply.token_ids
+        list(model.chat(pil_b, [("what is it?", a_reply.text, other)], "and?", stream=True, **GREEDY))
+
+    def second_turn_of_a(b_in_between: bool):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = blip2.load(str(our_checkpoint), precision="fp32", device="cpu")  # has served nobody yet
+        prompts = record_prompts(model, monkeypatch)
+        first = model.chat(pil_a, [], "what is it?", stream=True, **GREEDY)
+        list(first)
+        first.wait()
+        if b_in_between:
+            conversation_b(model, first.reply)
+        prompts.clear()
+        second = model.chat(pil_a, history_of_a(first.reply), "and the colour?", stream=True, **GREEDY)
+        list(second)
+        second.wait()
+        return list(prompts), second.reply.token_ids, second.reply.reused_prefix_tokens, first.reply
+
+    *alone, a_reply = second_turn_of_a(b_in_between=False)
+    *interleaved, _ = second_turn_of_a(b_in_between=True)
+    assert interleaved == alone
+    if a_history == "with its own ids":
+        assert _contains(alone[0][0], a_reply.token_ids)  # A's own ids are in its prompt ...
+    if a_history == "quoting B's reply without ids":
+        assert not _contains(alone[0][0], b_ids)  # ... and without ids, the text is tokenized
+
+
+def _contains(ids, part) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
 def test_unknown_decoding_setting_is_rejected(model):
     with pytest.raises(TypeError, match="num_beam"):
         model.generate(image(0), "hi", num_beam=3)
@@ -215,9 +343,8 @@ def test_plain_layout_chat_reuses_the_last_turn_and_matches_recompute(opt_checkp
     first = opt.chat(pil, [], "what is it?", stream=True, **GREEDY)
     reply1 = "".join(first).strip()
     first.wait()
-    history = [("what is it?", reply1)]
-    render = lambda message: opt.prompt_format.conversation(history, message, opt.tokenizer, mark_replies=True)  # noqa: E731
-    shared = _common_prefix(opt._tokenize(render("and the colour?")), opt._tokenize(render("why?")))
+    history = [("what is it?", reply1, first.reply.token_ids)]
+    shared = common_prefix(planned_prompt(opt, history, "and the colour?"), planned_prompt(opt, history, "why?"))
     second = opt.chat(pil, history, "and the colour?", stream=True, **GREEDY)
     list(second)
     assert second.reply.reused_prefix_tokens == shared > opt.num_query_tokens + len(first.reply.token_ids)

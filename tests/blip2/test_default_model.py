@@ -37,9 +37,27 @@ def test_two_turn_chat_streams_and_reuses_the_prefix(model):
     first = model.chat(image(0), [], "What is in this picture?", stream=True, max_new_tokens=16)
     answer = "".join(first).strip()
     assert answer and first.reply.new_tokens <= 16
-    second = model.chat(image(0), [("What is in this picture?", answer)], "Any colours?", stream=True, max_new_tokens=8)
+    history = [("What is in this picture?", answer, first.reply.token_ids)]
+    second = model.chat(image(0), history, "Any colours?", stream=True, max_new_tokens=8)
     list(second)
     assert second.reply.text and second.reply.reused_prefix_tokens > model.num_query_tokens
+
+
+def test_first_start_converts_smollm2_without_alarming_messages(tmp_path):
+    """The first start converts SmolLM2's GGUF into a transformers folder; a user must not see transformers' advice
+    for running packed GGUF weights (they are never run, only saved)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = "from blip2.offline import converted_smollm2; print(converted_smollm2())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "BLIP2_CACHE": str(tmp_path), "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Path(result.stdout.strip(), "model.safetensors").is_file()  # the conversion did run
+    assert "GGUF checkpoint" not in result.stderr, result.stderr[-2000:]
 
 
 def test_a_1x1_image_works(model):
