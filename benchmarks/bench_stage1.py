@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blip2.encoders import build_encoder  # noqa: E402
-from training.config import load_config  # noqa: E402
+from training.config import Stage1Config, load_config  # noqa: E402
 from training.data import Scenes, collate_pairs  # noqa: E402
 from training.features import CachedFeatureDataset, FeatureCache, collate_features  # noqa: E402
-from training.stage1 import DEFAULTS, build_model, load_qformer_tokenizer, tokenize  # noqa: E402
+from training.qformer_init import build_qformer, load_qformer_tokenizer, tokenize  # noqa: E402
 
 
 def train_steps(model, optimizer, batches, encoder, tokenizer, cached: bool) -> float:
@@ -66,13 +66,13 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [], DEFAULTS)
-    tokenizer = load_qformer_tokenizer(cfg["tokenizer"])
+    cfg = load_config(args.config, [], Stage1Config)
+    tokenizer = load_qformer_tokenizer(cfg.tokenizer)
     tower_dir = tempfile.TemporaryDirectory()
     if args.encoder == "eva-vit-b":
         encoder = eva_vit_b(Path(tower_dir.name)).freeze()
     else:
-        encoder = build_encoder(cfg["encoder"]).freeze()
+        encoder = build_encoder(cfg.encoder).freeze()
     n = args.steps * args.batch_size
     dataset = Scenes(n, seed=123)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +85,7 @@ def main() -> None:
         results = {}
         for name in ("naive", "cached", "naive ", "cached "):  # alternate, twice, to even out machine noise
             torch.manual_seed(0)
-            model = build_model(cfg, tokenizer, encoder.feature_dim).train()
+            model = build_qformer(cfg.qformer, tokenizer, encoder.feature_dim, cfg.train.seed, cfg.loss).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             if name.strip() == "naive":
                 # Decoding and preprocessing are part of the naive loop's cost, as in real training.

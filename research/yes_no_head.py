@@ -4,7 +4,7 @@ classifier is never exported), scores the yes/no questions among the first N tes
 polarity and right answer. Answering plain questions "no" and negated ones "yes" without looking at the image is
 right ~85% of the time on easy-vqa, so only the two rare cells (plain/yes, negated/no) show an image being read.
 
-    python -m training.experiments.yes_no_head runs/vqa_qformer [--step 600] [--questions 600]
+    python -m research.yes_no_head runs/research/vqa_qformer [--step 600] [--questions 600]
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from blip2.encoders import build_encoder
 
-from .. import stage2
-from ..config import load_config
-from ..data import EasyVQAQuestions
-from ..metrics import NEGATION
+from training import yes_no
+from training.config import Stage2Config, load_config
+from training.data import EasyVQAQuestions
+from training.metrics import NEGATION
+from training.stage2_init import build, encoder_spec_of
 
 
 class _NoLLM:
@@ -45,20 +46,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml", [], stage2.DEFAULTS)
-    if not cfg.get("yes_no_aux_weight"):
+    cfg = load_config(run / "config.yaml", [], Stage2Config)
+    if not cfg.yes_no_aux_weight:
         raise SystemExit(f"{run} trained no yes/no classifier (yes_no_aux_weight is 0).")
     folder = run / "checkpoints" / (f"step_{args.step:08d}" if args.step else
                                      (run / "checkpoints" / "latest").read_text().strip())
     questions = EasyVQAQuestions("test")
     test = [t for t in (questions[i] for i in range(min(args.questions, len(questions))))
             if t["answer"] in ("yes", "no")]
-    encoder = build_encoder(stage2.encoder_spec_of(cfg)).freeze()
+    encoder = build_encoder(encoder_spec_of(cfg)).freeze()
     with torch.no_grad():
         features = torch.cat([encoder(encoder.preprocess([t["image"] for t in test[i:i + 64]]))
                               for i in range(0, len(test), 64)])
-    model, _, _ = stage2.build(cfg, _NoLLM(), 0, features.shape[-1])
-    model.add_yes_no_head()
+    model, _, _ = build(cfg, _NoLLM(), 0, features.shape[-1])
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     if missing or unexpected:
         raise SystemExit(f"{folder} does not fit the run's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
             for p, t in zip(predicted, chunk):
                 cell = f"{'negated' if NEGATION.search(t['question']) else 'plain'}/{t['answer']}"
                 right = cells.setdefault(cell, [0, 0])
-                right[0] += int(p == stage2.YES_NO_CLASSES[t["answer"]])
+                right[0] += int(p == yes_no.CLASSES[t["answer"]])
                 right[1] += 1
     total = sum(r[1] for r in cells.values())
     wording = sum(r[1] for cell, r in cells.items() if cell in ("plain/no", "negated/yes"))

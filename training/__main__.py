@@ -1,7 +1,7 @@
 """``python -m training <command>``: stage1 | stage2 | finetune | eval | eval-retrieval.
 
     python -m training stage1 --config training/configs/stage1_tiny.yaml [key=value ...] [--resume]
-    python -m training stage2 --config training/configs/stage2_tiny.yaml init_from=runs/stage1_tiny/stage1
+    python -m training stage2 --config training/configs/stage2_tiny.yaml   # starts from runs/stage1_tiny/stage1
     python -m training finetune --task vqa --config ... init_from=runs/stage2/checkpoint
     python -m training eval --task vqa --checkpoint runs/vqa/checkpoint --data easyvqa:test
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m training stage1 --config ...
@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, Stage1Config, Stage2Config, load_config
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     eva.add_argument("--task", required=True, choices=("caption", "vqa", "retrieval"))
     eva.add_argument("--checkpoint", required=True, help="blip2 checkpoint (caption, vqa) or stage-1 folder (retrieval)")
     eva.add_argument("--data", required=True, help="easyvqa:test | scenes:N[:SEED] | tuxpaint:test | manifest path")
-    eva.add_argument("--output", help="folder for the results JSON (default: next to the checkpoint)")
+    eva.add_argument("--output", help="folder for the results JSON (default: runs/eval/<run name>)")
     eva.add_argument("--limit", type=int, help="evaluate only the first N examples (smoke runs)")
     eva.add_argument("--skip", type=int, default=0,
                      help="vqa: leave out the first N questions, e.g. those used to choose a recipe (results go to "
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ev.add_argument("--checkpoint", required=True, help="stage-1 checkpoint folder")
     ev.add_argument("--data", required=True, help="scenes:N[:SEED] | tuxpaint:test | easyvqa:test | manifest path")
     ev.add_argument("--k", type=int, default=128, help="ITM re-ranks the ITC top k (paper: 128)")
-    ev.add_argument("--output", help="folder for retrieval.json (default: the checkpoint's run folder)")
+    ev.add_argument("--output", help="folder for retrieval.json (default: runs/eval/<run name>)")
     ev.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if args.command == "eval" and (args.skip < 0 or (args.skip and args.task != "vqa")):
@@ -56,21 +56,21 @@ def main(argv=None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
     try:
         if args.command == "stage1":
-            from .stage1 import DEFAULTS, run
+            from .stage1 import run
 
-            run(load_config(args.config, args.overrides, DEFAULTS), resume=args.resume)
+            run(load_config(args.config, args.overrides, Stage1Config), resume=args.resume)
         elif args.command == "stage2" or (args.command == "finetune" and args.task != "retrieval"):
-            from .stage2 import DEFAULTS, run
+            from .stage2 import run
 
-            cfg = load_config(args.config, args.overrides, DEFAULTS)
+            cfg = load_config(args.config, args.overrides, Stage2Config)
             if args.command == "finetune":
-                cfg["task"] = args.task
+                cfg.task = args.task
             run(cfg, resume=args.resume)
         elif args.command == "finetune":  # retrieval: the stage-1 objectives from a stage-1 Q-Former
-            from .stage1 import DEFAULTS, run
+            from .stage1 import run
 
-            cfg = load_config(args.config, args.overrides, DEFAULTS)
-            if cfg["qformer"]["init"] != "checkpoint":
+            cfg = load_config(args.config, args.overrides, Stage1Config)
+            if cfg.qformer.init != "checkpoint":
                 raise ConfigError("finetune --task retrieval starts from a stage-1 Q-Former: set "
                                   "qformer.init=checkpoint qformer.checkpoint=<stage-1 folder>.")
             run(cfg, resume=args.resume)

@@ -27,6 +27,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from .config import OptimConfig, TrainConfig
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -50,6 +52,17 @@ class LoopConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     num_workers: int = 0
+
+    @classmethod
+    def of(cls, train: TrainConfig, optim: OptimConfig) -> LoopConfig:
+        """The loop settings of a run config's ``train`` and ``optim`` sections."""
+        return cls(
+            steps=train.steps, batch_size=train.batch_size, grad_accum=train.grad_accum, lr=optim.lr,
+            min_lr=optim.min_lr, warmup_steps=optim.warmup_steps, weight_decay=optim.weight_decay,
+            betas=tuple(optim.betas), max_grad_norm=optim.max_grad_norm, mixed_precision=train.mixed_precision,
+            seed=train.seed, log_every=train.log_every, save_every=train.save_every,
+            keep_checkpoints=train.keep_checkpoints, num_workers=train.num_workers,
+        )
 
 
 class GlobalBatchSampler(Sampler):
@@ -158,6 +171,19 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         return None
     path = output_dir / CHECKPOINTS / pointer.read_text().strip()
     return path if (path / "state.json").exists() else None
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """accelerate warns "Removed shared tensor ... while saving" for every checkpoint of a model with tied weights
+    (stage 1's ITG head shares the word embeddings). safetensors cannot store one tensor twice; the tie is restored
+    by the model itself on load, and the exact-resume tests prove the reloaded state equal. Said at every save,
+    the warning only alarms."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:

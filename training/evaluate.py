@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import EasyVQAQuestions, iter_items
 from .metrics import NEGATION, caption_scores, normalize_vqa_answer, vqa_accuracy
-from .stage1 import build_source, parse_data_arg
+from .data.sources import build_source, parse_data_arg
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ def evaluate_captions(model, examples: list[dict], decoding: dict) -> dict:
             "samples": samples}
 
 
+def results_dir(checkpoint) -> Path:
+    """Where an evaluation writes by default: ``runs/eval/<run>``, the run named by the checkpoint's path below
+    ``runs/`` (``runs/default/vqa/checkpoint`` -> ``runs/eval/default/vqa``), else by its folder name
+    (``assets/default`` -> ``runs/eval/default``). Results never land inside the checkpoint or in assets/."""
+    path = Path(checkpoint).resolve()
+    if path.name in ("checkpoint", "stage1", "official"):  # a run's export folder: the run is its parent
+        path = path.parent
+    try:
+        run = path.relative_to(Path("runs").resolve())
+    except ValueError:
+        run = Path(path.name)
+    return Path("runs") / "eval" / run
+
+
 def evaluate_cli(args) -> dict:
     import blip2
 
@@ -128,7 +142,7 @@ def evaluate_cli(args) -> dict:
         headline = f"BLEU-4 {result['BLEU-4']:.2f}, CIDEr {result['CIDEr']:.2f} on {result['count']} images"
     result = {"task": args.task, "checkpoint": str(args.checkpoint), "data": args.data, "protocol": args.protocol,
               "skip": args.skip, "decoding": decoding, "model": model.info.summary(), **result}
-    folder = Path(args.output) if args.output else Path(args.checkpoint).parent
+    folder = Path(args.output) if args.output else results_dir(args.checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (f"eval_{args.task}_from{args.skip}.json" if args.skip else f"eval_{args.task}.json")
     path.write_text(json.dumps(result, indent=2))

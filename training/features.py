@@ -257,18 +257,18 @@ def weights_digest(state_dict: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_dataset(dataset, encoder, data_cfg: dict, default_dir, accelerator,
+def cached_dataset(dataset, encoder, data_cfg, default_dir, accelerator,
                    encoder_weights: str | None = None) -> tuple[CachedFeatureDataset, dict]:
     """The training runs' cache step: the main process builds the cache of ``dataset`` (keyed by the encoder, the
     config's data sources and, for an encoder whose weights were fine-tuned, their :func:`weights_digest` passed as
     ``encoder_weights``) unless a complete one exists, the others wait; returns the cached dataset and what the
-    build skipped (by reason)."""
-    tag = json.dumps(data_cfg["sources"], sort_keys=True)
+    build skipped (by reason). ``data_cfg``: a run config's ``data`` section (sources, cache_dir, feature_dtype)."""
+    tag = json.dumps(data_cfg.sources, sort_keys=True)
     if encoder_weights:
         tag += f"|weights:{encoder_weights}"
-    cache = FeatureCache.for_encoder(data_cfg["cache_dir"] or default_dir, encoder, tag=tag)
+    cache = FeatureCache.for_encoder(data_cfg.cache_dir or default_dir, encoder, tag=tag)
     skipped: dict = {}
     if accelerator.is_main_process and not cache.is_complete():
-        skipped = cache.build(dataset, encoder, dtype=getattr(torch, data_cfg["feature_dtype"])).get("skipped", {})
+        skipped = cache.build(dataset, encoder, dtype=getattr(torch, data_cfg.feature_dtype)).get("skipped", {})
     accelerator.wait_for_everyone()
     return CachedFeatureDataset(cache), skipped

@@ -1,7 +1,7 @@
 """Plot training-loss curves of several runs side by side (e.g. the stage-1 ablation in README).
 
     python -m training.plot_runs --output assets/ablation.png \\
-        "with stage 1=runs/default_stage2,runs/default_vqa" "without stage 1=runs/ablation_stage2,runs/ablation_vqa"
+        "with stage 1=runs/ablation/with/stage2,runs/ablation/with/vqa" "without stage 1=runs/ablation/without/stage2,runs/ablation/without/vqa"
 
 Each argument is ``LABEL=RUN[,RUN...]``: the runs' ``metrics.csv`` curves are laid end to end (stage 2, then the
 fine-tune), one panel per phase.

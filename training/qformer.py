@@ -25,7 +25,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.activations import ACT2FN
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from blip2.model import normalize_image_features, run_qformer
+from blip2.qformer import normalize_image_features, run_qformer
 
 from . import distributed as dist
 
@@ -104,7 +104,7 @@ class Stage1QFormer(nn.Module):
         super().__init__()
         if text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}, not {text_pooling!r}.")
-        self.image_feature_norm = image_feature_norm  # blip2.model.normalize_image_features, as served
+        self.image_feature_norm = image_feature_norm  # blip2.qformer.normalize_image_features, as served
         self.text_pooling = text_pooling
         if not config.use_qformer_text_input:
             config.use_qformer_text_input = True  # text positions need their own FFN

@@ -18,7 +18,10 @@ from tqdm.auto import tqdm
 from blip2.encoders import build_encoder
 
 from .data import iter_items
-from .stage1 import build_source, load_stage1, parse_data_arg, tokenize
+from .data.sources import build_source, parse_data_arg
+from .evaluate import results_dir
+from .qformer_init import tokenize
+from .stage1_checkpoint import TOKENIZER_DIR, load_stage1
 
 logger = logging.getLogger(__name__)
 RECALL_AT = (1, 5, 10)
@@ -102,7 +105,7 @@ def evaluate_cli(args) -> dict:
 
     checkpoint = Path(args.checkpoint)
     model, config = load_stage1(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR)
     encoder = build_encoder(config["encoder"]).freeze()
     spec = parse_data_arg(args.data)
     items = list(iter_items(build_source(spec)))
@@ -111,7 +114,7 @@ def evaluate_cli(args) -> dict:
     logger.info("retrieval on %d pairs from %s (ITM re-ranks the top %d)", len(items), args.data, args.k)
     results = evaluate(model, tokenizer, encoder, items, k=args.k, batch_size=args.batch_size)
     results.update(checkpoint=str(checkpoint), data=args.data)
-    output = Path(args.output) if args.output else checkpoint.parent
+    output = Path(args.output) if args.output else results_dir(checkpoint)
     output.mkdir(parents=True, exist_ok=True)
     name = "retrieval-" + args.data.replace("/", "_").replace(":", "-") + ".json"
     (output / name).write_text(json.dumps(results, indent=2))

@@ -102,3 +102,13 @@ def test_sample_table_cells_stay_on_one_row():
     assert table_cell("Aard\n\nAarda is a | b ") == "Aard ⏎ Aarda is a / b"
     assert table_cell(" \n") == "(empty)"
     assert "\n" not in table_cell("one\r\ntwo\rthree")
+
+
+def test_results_go_to_runs_eval_never_into_the_checkpoint_or_assets(tmp_path, monkeypatch):
+    from training.evaluate import results_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert results_dir("runs/default/vqa/checkpoint") == Path("runs/eval/default/vqa")
+    assert results_dir("runs/stage1_tiny/stage1") == Path("runs/eval/stage1_tiny")
+    assert results_dir("assets/default") == Path("runs/eval/default")
+    assert results_dir(tmp_path / "elsewhere" / "my_model") == Path("runs/eval/my_model")

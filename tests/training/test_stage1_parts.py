@@ -5,17 +5,17 @@ import pytest
 import torch
 from transformers import BertModel
 
-from training.config import ConfigError, load_config
+from training.config import MINILM, ConfigError, Stage1Config, load_config
 from training.retrieval import recall_at, rerank
-from training.stage1 import DEFAULTS, MINILM, build_model, load_qformer_tokenizer
+from training.qformer_init import build_qformer, load_qformer_tokenizer
 from blip2.llm import local_source
 
 
 def test_bert_init_reproduces_bert_text_encoder():
     """Initialised from all-MiniLM-L6-v2, the Q-Former's text-only pass *is* that BERT (cross-attention unused)."""
-    cfg = load_config(None, ["qformer.init=bert", "qformer.dropout=0.0"], DEFAULTS)
+    cfg = load_config(None, ["qformer.init=bert", "qformer.dropout=0.0"], Stage1Config)
     tokenizer = load_qformer_tokenizer(MINILM)
-    model = build_model(cfg, tokenizer, encoder_dim=1280).eval()
+    model = build_qformer(cfg.qformer, tokenizer, 1280, cfg.train.seed, cfg.loss).eval()
     bert = BertModel.from_pretrained(local_source(MINILM)).eval()
     tokens = tokenizer(["a red circle on the left", "two dogs"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -44,29 +44,29 @@ def test_rerank_only_reorders_the_top_k():
 
 
 def test_overrides_and_errors(tmp_path):
-    cfg = load_config("training/configs/stage1_tiny.yaml", ["optim.lr=1e-3", "train.steps=3", "output_dir=x"], DEFAULTS)
-    assert cfg["optim"]["lr"] == 1e-3 and cfg["train"]["steps"] == 3 and cfg["output_dir"] == "x"
-    assert cfg["qformer"]["hidden_size"] == 64  # from the file
+    cfg = load_config("training/configs/stage1_tiny.yaml", ["optim.lr=1e-3", "train.steps=3", "output_dir=x"], Stage1Config)
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 3 and cfg.output_dir == "x"
+    assert cfg.qformer.hidden_size == 64  # from the file
     with pytest.raises(ConfigError, match="optim.lr_peak"):
-        load_config(None, ["optim.lr_peak=1"], DEFAULTS)
+        load_config(None, ["optim.lr_peak=1"], Stage1Config)
     with pytest.raises(ConfigError, match="must be a number"):
-        load_config(None, ["optim.lr=fast"], DEFAULTS)
+        load_config(None, ["optim.lr=fast"], Stage1Config)
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(None, ["optim.lr"], DEFAULTS)
+        load_config(None, ["optim.lr"], Stage1Config)
     bad = tmp_path / "bad.yaml"
     bad.write_text("qformer: [1, 2")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad, [], DEFAULTS)
+        load_config(bad, [], Stage1Config)
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "missing.yaml", [], DEFAULTS)
+        load_config(tmp_path / "missing.yaml", [], Stage1Config)
 
 
 def test_mean_pooled_text_feature_is_the_sentence_transformers_embedding_at_init():
     """text_pooling=mean with all 6 layers: before training, the ITC text feature's input is exactly the
     all-MiniLM-L6-v2 sentence embedding (its mean pooling), the space the retrieval recipe starts from."""
-    cfg = load_config(None, ["qformer.init=bert", "qformer.dropout=0.0", "qformer.text_pooling=mean"], DEFAULTS)
+    cfg = load_config(None, ["qformer.init=bert", "qformer.dropout=0.0", "qformer.text_pooling=mean"], Stage1Config)
     tokenizer = load_qformer_tokenizer(MINILM)
-    model = build_model(cfg, tokenizer, encoder_dim=1280).eval()
+    model = build_qformer(cfg.qformer, tokenizer, 1280, cfg.train.seed, cfg.loss).eval()
     bert = BertModel.from_pretrained(local_source(MINILM)).eval()
     tokens = tokenizer(["a red circle on the left", "two dogs"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -82,8 +82,8 @@ def test_mean_pooled_text_feature_is_the_sentence_transformers_embedding_at_init
 def test_pretrained_lr_scale_applies_to_the_loaded_bert_weights_only():
     from training.engine import LoopConfig, param_groups
 
-    cfg = load_config(None, ["qformer.init=bert"], DEFAULTS)
-    model = build_model(cfg, load_qformer_tokenizer(MINILM), encoder_dim=1280)
+    cfg = load_config(None, ["qformer.init=bert"], Stage1Config)
+    model = build_qformer(cfg.qformer, load_qformer_tokenizer(MINILM), 1280, cfg.train.seed, cfg.loss)
     pretrained = model.pretrained_names
     assert "qformer.encoder.layer.0.attention.attention.query.weight" in pretrained
     assert not any("crossattention" in n or n == "query_tokens" for n in pretrained)
@@ -98,7 +98,7 @@ def test_pretrained_lr_scale_applies_to_the_loaded_bert_weights_only():
 
 def test_repeat_by_source_lists_items_that_many_times():
     from training.config import ConfigError
-    from training.stage1 import repeat_by_source
+    from training.sampling import repeat_by_source
 
     class Items:
         items = [{"source": "a"}, {"source": "b"}, {"source": "a"}]
@@ -121,21 +121,21 @@ def test_unquoted_no_for_mixed_precision_means_no():
     """`train.mixed_precision=no` on the command line is YAML for false; it must mean "no", not crash accelerate."""
     from training.engine import make_accelerator
 
-    cfg = load_config(None, ["train.mixed_precision=no"], DEFAULTS)
-    assert cfg["train"]["mixed_precision"] is False
-    assert make_accelerator(cfg["train"]["mixed_precision"]).mixed_precision == "no"
+    cfg = load_config(None, ["train.mixed_precision=no"], Stage1Config)
+    assert cfg.train.mixed_precision == "no"
+    assert make_accelerator(cfg.train.mixed_precision).mixed_precision == "no"
 
 
 def test_freeze_text_keeps_berts_text_weights_through_training():
     """qformer.freeze_text: word embeddings and text FFNs stay exactly BERT's (what an instruction-aware model
-    then references, blip2.checkpoint.bert_text_weights) while the rest of the Q-Former trains."""
-    from blip2.checkpoint import bert_text_weights
+    then references, blip2.bert_text.bert_text_weights) while the rest of the Q-Former trains."""
+    from blip2.bert_text import bert_text_weights
     from training.engine import LoopConfig, param_groups
 
     cfg = load_config(None, ["qformer.init=bert", "qformer.num_hidden_layers=2", "qformer.freeze_text=true",
-                             "qformer.num_query_tokens=4"], DEFAULTS)
+                             "qformer.num_query_tokens=4"], Stage1Config)
     tokenizer = load_qformer_tokenizer(MINILM)
-    model = build_model(cfg, tokenizer, encoder_dim=1280)
+    model = build_qformer(cfg.qformer, tokenizer, 1280, cfg.train.seed, cfg.loss)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(param_groups(model, LoopConfig(steps=1, batch_size=2, lr=1e-3, weight_decay=0.05)))
     tokens = tokenizer(["a red circle", "a blue square"], padding=True, return_tensors="pt")

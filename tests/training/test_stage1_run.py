@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.stage1 import load_stage1
+from training.stage1_checkpoint import load_stage1
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "training/configs/stage1_tiny.yaml"

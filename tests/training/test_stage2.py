@@ -15,8 +15,10 @@ from torch import nn
 
 from blip2.loading import placeholder_token_id
 from blip2.prompts import default_format, prompt_ids
-from conftest import build_tiny_text_llm
-from training.stage2 import Stage2Model, TextBuilder, prefix_split
+from conftest import build_tiny_bert, build_tiny_text_llm
+from training.examples import Example, prefix_split
+from training.stage2_model import Stage2Model
+from training.text import TextBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
 Q = 4
@@ -155,7 +157,7 @@ def stage1_tiny(tmp_path_factory):
 def test_instruction_aware_qformer_reads_the_text():
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-    from blip2.model import run_qformer
+    from blip2.qformer import run_qformer
 
     torch.manual_seed(0)
     config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -177,7 +179,7 @@ def test_instruction_aware_qformer_reads_the_text():
 
 
 def test_yes_no_labels_follow_the_answer_of_questions_only():
-    from training.stage2 import yes_no_labels
+    from training.yes_no import labels as yes_no_labels
 
     batch = [{"kind": "vqa", "target": "yes"}, {"kind": "vqa", "target": "No."}, {"kind": "vqa", "target": "red"},
              {"kind": "caption", "target": "no"}]
@@ -190,18 +192,18 @@ def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm, monkeypatch):
     from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
     from training.config import ConfigError
-    from training.stage2 import LMLoss
+    from training.stage2_model import LMLoss
 
     kind, _, lm, tok = llm
     with pytest.raises(ConfigError, match="instruction-aware"):
-        tiny_model(lm, tok).add_yes_no_head()
+        Stage2Model(nn.Parameter(torch.zeros(1, Q, 16)), tiny_model(lm, tok).qformer, lm, placeholder_token_id(tok),
+                    yes_no_head=True)
     torch.manual_seed(0)
     config = Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                 encoder_hidden_size=8, cross_attention_frequency=1, use_qformer_text_input=True,
                                 vocab_size=50)
     model = Stage2Model(nn.Parameter(torch.randn(1, Q, 16)), Blip2QFormerModel(config), lm, placeholder_token_id(tok),
-                        Blip2TextEmbeddings(config)).eval()
-    model.add_yes_no_head()
+                        Blip2TextEmbeddings(config), yes_no_head=True).eval()
     b = builder_for(kind, tok)
     batch = b.collate([b.example("vqa", "is it round?", "yes"), b.example("vqa", "what colour?", "red"),
                        b.example("vqa", "is it blue?", "no")])
@@ -215,12 +217,14 @@ def test_yes_no_head_is_a_classifier_on_the_mean_query_output(llm, monkeypatch):
     assert lm_only.yes_no_sum is None and torch.equal(lm_only.lm_sum, out.lm_sum)
     losses = LMLoss(out.lm_sum / out.lm_count, out.yes_no_sum / out.yes_no_count, aux_weight=0.5)
     assert float(losses.loss) == pytest.approx(float(out.lm_sum / out.lm_count + 0.5 * reference / 2), rel=1e-5)
-    model.use_lm = False  # lm_loss_weight: 0 - the classifier alone, the LLM never runs
+    # lm_loss_weight: 0 - the classifier alone, the LLM never runs (the same trained parts, built without the LM)
+    no_lm = Stage2Model(model.query_tokens, model.qformer, lm, placeholder_token_id(tok), model.qformer_embeddings,
+                        yes_no_head=True, use_lm=False).eval()
+    no_lm.yes_no_head.load_state_dict(model.yes_no_head.state_dict())
     monkeypatch.setattr(lm, "forward", None)  # would raise if called
-    skipped = model(image, **batch, qformer_text=text, yes_no=torch.tensor([1, -100, 0]))
+    skipped = no_lm(image, **batch, qformer_text=text, yes_no=torch.tensor([1, -100, 0]))
     monkeypatch.undo()
     assert float(skipped.lm_sum) == 0 and int(skipped.lm_count) == 0 and torch.equal(skipped.yes_no_sum, out.yes_no_sum)
-    model.use_lm = True
     none = model(image, **batch, qformer_text=text, yes_no=torch.full((3,), -100))
     assert float(none.yes_no_sum) == 0 and int(none.yes_no_count) == 0
     (none.lm_sum + none.yes_no_sum).backward()
@@ -269,7 +273,7 @@ def test_tiny_stage2_and_finetune_runs_load_in_blip2(kind, task, stage1_tiny, tm
     if kind == "opt":  # an instruction-aware fine-tune of this (text-less) stage-2 checkpoint
         from safetensors.torch import load_file
 
-        from training.stage1 import load_stage1
+        from training.stage1_checkpoint import load_stage1
 
         aware_out = tmp_path / "aware"
         train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml",
@@ -307,11 +311,10 @@ def test_aware_finetune_with_frozen_bert_text_weights_references_them(stage1_tin
     from safetensors.torch import load_file
 
     import blip2
-    from blip2.checkpoint import bert_text_weights, is_text_only_weight
-    from test_checkpoint import _tiny_bert
+    from blip2.bert_text import bert_text_weights, is_text_only_weight
 
     stage1, cache = stage1_tiny
-    bert = _tiny_bert(tmp_path / "bert", hidden=64, layers=2, intermediate=128)  # stage1_tiny's Q-Former sizes
+    bert = build_tiny_bert(tmp_path / "bert", hidden=64, layers=2, intermediate=128)  # stage1_tiny's Q-Former sizes
     llm = build_tiny_text_llm(tmp_path / "llm", "chat")
     out = tmp_path / "run"
     train("finetune", "--task", "vqa", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}",
@@ -367,7 +370,7 @@ def test_eva_vit_run_is_also_exported_in_the_official_format(opt_checkpoint, tmp
 def test_layer_wise_lr_decay():
     from blip2.encoders import build_encoder
     from training.engine import LoopConfig, param_groups
-    from training.stage2 import encoder_depth, layer_decay_scale
+    from training.vision_finetune import encoder_depth, layer_decay_scale
 
     encoder = build_encoder({"type": "efficientnet-lite", "variant": "lite0"}, pretrained=False)
     depth = encoder_depth(encoder)
@@ -412,7 +415,7 @@ def test_caption_finetune_with_the_image_encoder_unfrozen(stage1_tiny, tmp_path)
 
 @pytest.mark.slow
 def test_retrieval_finetune_continues_a_stage1_checkpoint(stage1_tiny, tmp_path):
-    from training.stage1 import load_stage1
+    from training.stage1_checkpoint import load_stage1
 
     stage1, cache = stage1_tiny
     bad = subprocess.run([sys.executable, "-m", "training", "finetune", "--task", "retrieval", "--config",
@@ -458,7 +461,7 @@ def test_two_processes_match_one_and_resume_is_exact(stage1_tiny, tmp_path):
 
 
 def test_layernorm_image_features_match_the_formula_and_ignore_scale():
-    from blip2.model import normalize_image_features, run_qformer
+    from blip2.qformer import normalize_image_features, run_qformer
 
     x = torch.randn(2, 5, 8) * 0.1 + 0.03
     expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
@@ -479,13 +482,14 @@ def test_repeat_questions_lists_matching_questions_more_often():
     from types import SimpleNamespace
 
     from training.config import ConfigError
-    from training.stage2 import repeat_questions
+    from training.sampling import repeat_questions
 
     rows = [(0, "vqa", "What color is the shape?", "red", "a#q0"),
             (0, "vqa", "Is there a circle?", "yes", "a#q1"),
             (0, "caption", "Describe the image.", "A red circle.", "a"),  # a caption mentioning colour: never repeated
             (1, "vqa", "What colour is the square?", "blue", "b#q0"),
             (1, "vqa", "How many red shapes are there?", "one", "b#q1")]
+    rows = [Example(*row) for row in rows]
     examples = SimpleNamespace(rows=rows, __len__=lambda: len(rows))
     subset = repeat_questions(examples, {"(?i)colou?r": 3, "(?i)how many": 2, "square": 4})
     listed = [rows[i][4] for i in subset.indices]
@@ -500,12 +504,13 @@ def test_repeat_questions_lists_matching_questions_more_often():
 
 def test_select_questions_keeps_matching_questions_and_drops_captions():
     from training.config import ConfigError
-    from training.stage2 import select_questions
+    from training.sampling import select_questions
 
     rows = [(0, "vqa", "is there a red shape?", "no", "a#q0"),
             (0, "vqa", "is there not a red shape?", "yes", "a#q1"),
             (0, "vqa", "what shape is this?", "circle", "a#q2"),
             (0, "caption", "Describe the image.", "A red circle.", "a")]
+    rows = [Example(*row) for row in rows]
     ids = lambda kept: [row[4] for row in kept]  # noqa: E731
     assert select_questions(rows, None, None) is rows
     assert ids(select_questions(rows, r"\bred\b", None)) == ["a#q0", "a#q1"]  # the caption goes too
@@ -521,7 +526,7 @@ def test_balance_yes_no_evens_out_answers_per_source_and_polarity():
     from types import SimpleNamespace
 
     from training.config import ConfigError
-    from training.stage2 import repeat_questions
+    from training.sampling import repeat_questions
 
     rows = ([(i, "vqa", "is there a red shape?", "no", f"easy-vqa/train/{i}#q0") for i in range(6)]
             + [(6, "vqa", "is there a blue shape?", "yes", "easy-vqa/train/6#q0")]
@@ -531,6 +536,7 @@ def test_balance_yes_no_evens_out_answers_per_source_and_polarity():
                (7, "vqa", "Is there a green circle?", "no", "scenes/0/7#q1"),
                (7, "vqa", "What colour is the circle?", "red", "scenes/0/7#q2"),
                (7, "caption", "Describe the image.", "no", "scenes/0/7")])  # a caption is never repeated
+    rows = [Example(*row) for row in rows]
     examples = SimpleNamespace(rows=rows, __len__=lambda: len(rows))
     listed = [rows[i][4] for i in repeat_questions(examples, {}, balance_yes_no=True).indices]
     tally = {}

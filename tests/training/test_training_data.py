@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from training import data as D
-from training.scenes import COLORS, SHAPES, make_scene, number_word
+from training.data.scene_maker import COLORS, SHAPES, make_scene, number_word
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scenes
@@ -334,7 +334,7 @@ def _easy_vqa_answer(caption: str, question: str) -> str | None:
         return color
     if q.startswith("what"):
         return shape
-    named = words & ({shape, color} | set(D._EV_SHAPES) | set(D._EV_COLORS))
+    named = words & ({shape, color} | set(D.easyvqa._EV_SHAPES) | set(D.easyvqa._EV_COLORS))
     present = all(w in (shape, color) for w in named)
     negated = " not " in f" {q} " or q.startswith("is no ")
     return "yes" if present != negated else "no"
@@ -527,13 +527,14 @@ def test_fine_tuned_encoder_features_get_their_own_cache(tmp_path, lite0, one_th
     """A checkpoint whose image encoder was fine-tuned must not reuse the pretrained encoder's cached features."""
     from types import SimpleNamespace
 
+    from training.config import Stage1Data
     from training.features import cached_dataset, weights_digest
 
     (tmp_path / "img").mkdir()
     _png(tmp_path / "img" / "0.png", (200, 30, 30), size=(32, 32))
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "img/0.png", "caption": "red"}))
     ds = D.ManifestDataset(tmp_path / "m.jsonl")
-    data_cfg = {"cache_dir": str(tmp_path / "cache"), "sources": [{"type": "manifest"}], "feature_dtype": "float32"}
+    data_cfg = Stage1Data(cache_dir=str(tmp_path / "cache"), sources=[{"type": "manifest"}], feature_dtype="float32")
     main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
 
     pretrained_state = {k: v.clone() for k, v in lite0.state_dict().items()}

@@ -1,0 +1,42 @@
+"""Data sources named in configs and on the command line, turned into datasets."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import ConfigError
+from .easyvqa import EasyVQA
+from .manifest import ManifestDataset
+from .scenes import Scenes
+from .tuxpaint import TuxPaintStamps
+
+
+def build_source(spec: dict, transform=None):
+    """One dataset from a config entry such as ``{"type": "scenes", "n": 100, "seed": 0}``."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind == "scenes":
+        return Scenes(spec.get("n", 100), seed=spec.get("seed", 0), size=spec.get("size", 224), transform=transform)
+    if kind == "manifest":
+        return ManifestDataset(spec["path"], transform=transform)
+    if kind == "tuxpaint":
+        return TuxPaintStamps(split=spec.get("split", "train"), transform=transform,
+                              **{k: v for k, v in spec.items() if k in ("root", "test_fraction", "seed", "split_by")})
+    if kind == "easyvqa":
+        return EasyVQA(spec.get("split", "train"), transform=transform)
+    raise ConfigError(f"Unknown data source type {kind!r}; use scenes, manifest, tuxpaint or easyvqa.")
+
+
+def parse_data_arg(text: str) -> dict:
+    """CLI shorthand: ``scenes:N[:SEED]``, ``tuxpaint:test``, ``easyvqa:test`` or a manifest path."""
+    if os.path.exists(text):
+        return {"type": "manifest", "path": text}
+    kind, _, rest = text.partition(":")
+    parts = rest.split(":") if rest else []
+    if kind == "scenes":
+        return {"type": "scenes", "n": int(parts[0]) if parts else 100, "seed": int(parts[1]) if len(parts) > 1 else 0}
+    if kind == "tuxpaint":  # held out by caption, so near-duplicate stamps ("The letter W.") never straddle the split
+        return {"type": kind, "split": parts[0] if parts else "test", "split_by": "caption"}
+    if kind == "easyvqa":
+        return {"type": kind, "split": parts[0] if parts else "test"}
+    raise ConfigError(f"Cannot read data {text!r}: use scenes:N[:SEED], tuxpaint:SPLIT, easyvqa:SPLIT or a manifest.")
