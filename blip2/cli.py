@@ -13,8 +13,16 @@ from .images import InvalidImageError
 from .precision import PRECISIONS
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m blip2", description="BLIP-2: talk about images.")
+    # Subparsers are built with the parent's class, so theirs report errors in one line too.
+    parser = _Parser(prog="python -m blip2", description="BLIP-2: talk about images.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="default", help="hub id, checkpoint folder, or 'default' (offline)")
     common.add_argument("--precision", default="auto", choices=PRECISIONS)

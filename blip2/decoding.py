@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+# Upper bounds of the settings whose cost grows with their value. The app's sliders stay well inside them.
+MAX_BEAMS = 16
+# Above any context we serve: a decoder-only LLM's own context is the tighter limit (a PromptTooLongError naming
+# max_new_tokens); this one bounds encoder-decoders, whose relative positions have no fixed context.
+MAX_NEW_TOKENS = 32768
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes any unsigned 64-bit value
+
 
 @dataclass(frozen=True)
 class Decoding:
-    """How to pick tokens. Greedy by default; ``num_beams > 1`` is beam search; ``do_sample`` is nucleus sampling."""
+    """How to pick tokens. Greedy by default; ``num_beams > 1`` is beam search; ``do_sample`` is nucleus sampling.
+
+    Every setting is checked on construction: a wrong type, NaN/infinity or a value out of range (``num_beams`` up
+    to ``MAX_BEAMS``, ``max_new_tokens`` up to ``MAX_NEW_TOKENS``, ``seed`` in 0..``MAX_SEED``) is a ValueError
+    naming the setting."""
 
     max_new_tokens: int = 64
     min_new_tokens: int = 0
@@ -29,14 +42,41 @@ class Decoding:
     seed: int | None = None
 
     def __post_init__(self):
-        _check(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
-        _check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens")
-        _check(self.num_beams >= 1, "num_beams must be at least 1")
+        # Settings also arrive from JSON, web forms and scripts: a wrong type or a NaN must be one clear error naming
+        # the setting here, not a TypeError deep inside generate() or, worse, a silently absurd run.
+        self._integer("max_new_tokens", 1, MAX_NEW_TOKENS)
+        self._integer("min_new_tokens", 0, self.max_new_tokens, f"max_new_tokens ({self.max_new_tokens})")
+        # Beam search's memory and time grow with the beam count (1000 beams: minutes and gigabytes for one reply).
+        self._integer("num_beams", 1, MAX_BEAMS)
+        self._integer("top_k", 0, None)
+        self._integer("no_repeat_ngram_size", 0, None)
+        if self.seed is not None:
+            self._integer("seed", 0, MAX_SEED)
+        _check(isinstance(self.do_sample, bool), f"do_sample must be True or False, not {self.do_sample!r}")
+        self._number("length_penalty")  # any finite value: its sign picks longer or shorter beams
+        self._number("temperature")
         _check(self.temperature > 0, "temperature must be > 0")
+        self._number("top_p")
         _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k must be >= 0")
+        self._number("repetition_penalty")
         _check(self.repetition_penalty > 0, "repetition_penalty must be > 0")
-        _check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0")
+
+    def _integer(self, name: str, low: int, high: int | None, high_name: str | None = None) -> None:
+        value = getattr(self, name)
+        # bool is an int to Python, but True beams or a seed of False is a mistake, not a setting.
+        _check(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+               f"{name} must be a whole number, not {value!r} ({type(value).__name__})")
+        value = int(value)  # numpy integers become plain ints, for generate() and JSON
+        bound = "" if high is None else f" and at most {high_name or f'{high:,}'}"
+        _check(value >= low and (high is None or value <= high), f"{name} must be at least {low}{bound}; got {value:,}")
+        object.__setattr__(self, name, value)
+
+    def _number(self, name: str) -> None:
+        value = getattr(self, name)
+        _check(isinstance(value, numbers.Real) and not isinstance(value, bool),
+               f"{name} must be a number, not {value!r} ({type(value).__name__})")
+        _check(math.isfinite(value), f"{name} must be a finite number; got {value}")
+        object.__setattr__(self, name, float(value))
 
     @classmethod
     def from_kwargs(cls, base: Decoding | None = None, **kwargs) -> Decoding:

@@ -7,6 +7,9 @@ the limits below (file size, pixel count, formats) are enforced once and cannot 
 
 Untrusted files are the main concern: the size and pixel limits are checked before any pixel data is decoded, so
 a small file that declares an enormous image (a decompression bomb) is refused after reading only its header.
+The pixel limit bounds what is decoded, not what a photo may declare: a JPEG over it (a 50 MP phone photo) is
+decoded at 1/2, 1/4 or 1/8 scale, which libjpeg does while decoding, and downscaled to MAX_SIDE; only Pillow's own
+decompression-bomb limit refuses it.
 
 `image_digest` hashes the normalised pixels, so the same picture reaches the same feature cache entry whether it
 arrived as a path, bytes or a PIL image.
@@ -29,6 +32,7 @@ __all__ = [
     "ALLOWED_FORMATS",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "MAX_SIDE",
     "MIN_SIDE",
     "InvalidImageError",
     "image_digest",
@@ -37,7 +41,9 @@ __all__ = [
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MAX_FILE_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # width * height
+MAX_PIXELS = 40_000_000  # width * height, of the pixels actually decoded
+# Longest side of a JPEG that was over MAX_PIXELS, after downscaling: still far more than the vision towers use.
+MAX_SIDE = 2048
 MIN_SIDE = 1
 
 _ALLOWED_TEXT = "JPEG, PNG, WEBP, GIF or BMP"
@@ -84,7 +90,9 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_FIL
     `source` may be a filesystem path (str or os.PathLike), encoded image bytes (bytes, bytearray, memoryview), a
     binary file object, a PIL image, or a numpy array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with
     dtype uint8, uint16, or float with values in [0, 1]. Encoded data must be one of ALLOWED_FORMATS and at most
-    `max_bytes` long; every input must have at most `max_pixels` pixels and sides of at least MIN_SIDE.
+    `max_bytes` long; every input must have at most `max_pixels` pixels and sides of at least MIN_SIDE, except a
+    JPEG over `max_pixels`: it is decoded at a reduced scale that fits `max_pixels` and downscaled to fit
+    MAX_SIDE x MAX_SIDE.
 
     Animated images give their first frame, the EXIF orientation is applied, and transparency is composited over
     white. A caller's PIL image or array is never modified. Pillow's limit `Image.MAX_IMAGE_PIXELS` also applies
@@ -226,7 +234,11 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             # Lazy: reads only the header, so format and size are checked before any pixel is decoded.
             with Image.open(io.BytesIO(data)) as img:
                 _check_format(img.format)
-                return _normalise(img, max_pixels)
+                reduced = _decode_reduced(img, max_pixels)
+                rgb = _normalise(img, max_pixels)
+                if reduced:
+                    rgb.thumbnail((MAX_SIDE, MAX_SIDE))
+                return rgb
         except InvalidImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -241,6 +253,19 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
                 f"The {_sniff_format(data) or 'image'} data is truncated or corrupt ({_reason(err)}); "
                 f"pass a valid {_ALLOWED_TEXT} file."
             ) from err
+
+
+def _decode_reduced(img: Image.Image, max_pixels: int) -> bool:
+    """Over the pixel limit, set a JPEG to decode at the smallest of 1/2, 1/4, 1/8 scale that still covers MAX_SIDE
+    (Pillow's draft); True when it was, so the decoded picture is then downscaled to MAX_SIDE. Other formats have
+    no reduced decode: they stay over the limit and are refused by `_check_dimensions`, like a bomb."""
+    width, height = img.size
+    if width * height <= max_pixels or _FORMAT_ALIASES.get(img.format, img.format) != "JPEG":
+        return False
+    # The target keeps the aspect ratio, so draft can reduce a panorama as much as a square picture.
+    scale = MAX_SIDE / max(width, height)
+    img.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))
+    return True
 
 
 def _check_format(fmt: str | None) -> None:

@@ -8,10 +8,17 @@ projected query embeddings (``num_query_tokens`` positions). Two layouts exist:
 - ``chat`` (chat-template LLMs such as SmolLM2-Instruct): the conversation is rendered with the tokenizer's chat
   template and the slot sits at the start of the *first user turn*, after the system turn, so the system prompt
   keeps its usual position and the image belongs to what the user said.
+
+User text (messages, and past turns tokenized from their text) never becomes a special token, whatever it
+contains: typing ``<|im_end|>`` must not end the user's turn and forge the assistant's. The plain layout's text
+has no special tokens of its own, so it is tokenized with special tokens off; in the chat layout the template's
+own markup must stay special, so each special token's text found in user text is wrapped in
+``TEXT_OPEN``/``TEXT_CLOSE`` and tokenized as plain text (see ``prompt_ids``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -20,7 +27,10 @@ from typing import Literal
 IMAGE_SLOT = "<|blip2:image|>"
 # Mark where an earlier assistant reply sits in a rendered conversation (see ``prompt_ids``); stripped likewise.
 REPLY_OPEN, REPLY_CLOSE = "<|blip2:reply|>", "<|blip2:/reply|>"
-_MARKERS = (IMAGE_SLOT, REPLY_OPEN, REPLY_CLOSE)
+# Wrap a special token's text that the user typed (chat layout): ``prompt_ids`` tokenizes it as text; stripped likewise.
+TEXT_OPEN, TEXT_CLOSE = "<|blip2:text|>", "<|blip2:/text|>"
+_MARKERS = (IMAGE_SLOT, REPLY_OPEN, REPLY_CLOSE, TEXT_OPEN, TEXT_CLOSE)
+_ESCAPED = re.compile(re.escape(TEXT_OPEN) + "(.*?)" + re.escape(TEXT_CLOSE), re.DOTALL)
 
 Turn = tuple[str, str]  # (user message, assistant reply)
 
@@ -62,7 +72,7 @@ class PromptFormat:
         prompt = _clean(prompt or "")
         if self.style == "plain":
             return Rendered("", prompt, has_special_tokens=False)
-        return self._render_chat([{"role": "user", "content": prompt}], tokenizer)
+        return self._render_chat([{"role": "user", "content": _escaper(tokenizer)(prompt)}], tokenizer)
 
     def conversation(self, history: Sequence[Turn], message: str, tokenizer=None, mark_replies: bool = False) -> Rendered:
         """Past turns plus a new user message, ready for the assistant's next reply. ``mark_replies`` wraps each
@@ -78,11 +88,13 @@ class PromptFormat:
             ]
             parts.append(self.question_template.format(message))
             return Rendered("", self.turn_separator.join(parts), has_special_tokens=False)
+        escape = _escaper(tokenizer)
+        turns = [(escape(u), escape(a)) for u, a in turns]
         messages = []
         for user, assistant in turns:
             messages.append({"role": "user", "content": self.question_template.format(user)})
             messages.append({"role": "assistant", "content": f"{opened}{assistant}{closed}"})
-        messages.append({"role": "user", "content": self.question_template.format(message)})
+        messages.append({"role": "user", "content": self.question_template.format(escape(message))})
         return self._render_chat(messages, tokenizer)
 
     def _render_chat(self, messages: list[dict], tokenizer) -> Rendered:
@@ -114,20 +126,22 @@ def prompt_ids(rendered: Rendered, tokenizer, image_token_id: int, num_query_tok
     if rendered.has_special_tokens:  # chat templates render their special tokens as text
         before = _encode(rendered.before, tokenizer, False, reply_ids) if rendered.before else []
         return before + image + _encode(rendered.after, tokenizer, False, reply_ids)
-    return image + _encode(rendered.after, tokenizer, True, reply_ids)
+    return image + _encode(rendered.after, tokenizer, True, reply_ids, plain=True)
 
 
-def _encode(text: str, tokenizer, add_special_tokens: bool, reply_ids) -> list[int]:
-    """Tokenize ``text`` whose marked replies are either plain text (ids unknown) or spliced in as known ids."""
+def _encode(text: str, tokenizer, add_special_tokens: bool, reply_ids, plain: bool = False) -> list[int]:
+    """Tokenize ``text`` whose marked replies are either plain text (ids unknown) or spliced in as known ids.
+    ``plain``: the text holds no special tokens of its own (plain layout), so none is read from it."""
     if REPLY_OPEN not in text:
-        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return _text_ids(text, tokenizer, add_special_tokens, plain)
     chunks: list[str | list[int]] = [""]  # text to tokenize, alternating with known ids
     for piece in text.split(REPLY_OPEN):
         reply, closed, rest = piece.partition(REPLY_CLOSE)
         if not closed:  # the text before the first reply
             chunks[-1] += piece
             continue
-        known = reply_ids(reply.strip()) if reply_ids is not None and reply.strip() else None
+        text_of_reply = _ESCAPED.sub(r"\1", reply).strip()  # as the caller knows it: unescaped
+        known = reply_ids(text_of_reply) if reply_ids is not None and text_of_reply else None
         if known:
             chunks += [list(known), rest]
         else:
@@ -139,14 +153,56 @@ def _encode(text: str, tokenizer, add_special_tokens: bool, reply_ids) -> list[i
         elif chunk:
             # Only the first text chunk takes the tokenizer's special tokens (OPT's BOS); a tokenizer that also
             # appends some (T5's EOS) never gets here: encoder-decoders do not reuse key/values across turns.
-            ids += tokenizer(chunk, add_special_tokens=add_special_tokens and index == 0)["input_ids"]
+            ids += _text_ids(chunk, tokenizer, add_special_tokens and index == 0, plain)
     return ids
+
+
+def _text_ids(text: str, tokenizer, add_special_tokens: bool, plain: bool) -> list[int]:
+    """Token ids of text in which special tokens come only from the template: never from user text. The prompt's
+    own special tokens (OPT's BOS, T5's EOS) are still added with ``add_special_tokens``."""
+    if plain:
+        return tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True)["input_ids"]
+    if TEXT_OPEN not in text:  # the usual case, tokenized in one piece exactly as before
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # Only the chat layout escapes, and it never adds special tokens, so tokenizing in pieces adds none twice.
+    pieces = _ESCAPED.split(text)  # [text, escaped, text, escaped, ..., text]
+    ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=index % 2 == 1)["input_ids"]
+    return ids
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, including added ones that ``all_special_ids`` leaves out (the
+    ``<image>`` token ``Blip2Processor`` adds)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
+
+
+def _escaper(tokenizer) -> Callable[[str], str]:
+    """A function that wraps each special token's text in a string in TEXT_OPEN/TEXT_CLOSE (and leaves a string
+    without any unchanged). Without a tokenizer there is nothing to escape: the chat layout then refuses anyway."""
+    if tokenizer is None:
+        return lambda text: text
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    tokens = set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
+    tokens.discard("")
+    if not tokens:
+        return lambda text: text
+    # Longest first: where one token's text starts with another's, the regex alternation must take the whole one.
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    return lambda text: pattern.sub(lambda m: TEXT_OPEN + m.group(0) + TEXT_CLOSE, text)
 
 
 def _clean(text: str) -> str:
     text = str(text)
-    for marker in _MARKERS:
-        text = text.replace(marker, "")
+    # Until nothing changes: removing a marker can join its neighbours into one ("<|blip2:<|blip2:image|>image|>").
+    previous = None
+    while text != previous:
+        previous = text
+        for marker in _MARKERS:
+            text = text.replace(marker, "")
     return text.strip()
 
 

@@ -55,6 +55,19 @@ def test_missing_model_is_one_clear_line(picture):
     assert result.returncode == 2 and "Checkpoint not found" in result.stderr
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--num-beams", "1000"], "num_beams"),
+    (["--sample", "--temperature", "nan"], "temperature"),
+    (["--seed", str(2**70)], "seed"),
+    (["--max-new-tokens", "ten"], "--max-new-tokens"),  # argparse's own error, without its page of usage
+])
+def test_bad_decoding_setting_is_one_clear_line_before_loading(picture, args, named):
+    result = run("ask", str(picture), "what?", "--model", "/nope/model", *args)  # refused before the model is looked up
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error:") and named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_fp16_on_cpu_is_refused(picture):
     result = run("caption", str(picture), "--precision", "fp16", "--device", "cpu")
     assert result.returncode == 2 and "fp16 needs a CUDA GPU" in result.stderr

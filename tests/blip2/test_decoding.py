@@ -2,10 +2,11 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from blip2.decoding import Decoding, ReplyNoRepeatNGram
+from blip2.decoding import MAX_BEAMS, MAX_NEW_TOKENS, MAX_SEED, Decoding, ReplyNoRepeatNGram
 
 
 def brute_force_banned(reply: list[int], n: int) -> set[int]:
@@ -44,6 +45,32 @@ def test_prompt_ngrams_are_not_banned():
 def test_invalid_settings(bad):
     with pytest.raises(ValueError):
         Decoding(**bad)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_beams", 1000), ("num_beams", MAX_BEAMS + 1), ("num_beams", 2.0), ("num_beams", True),
+    ("max_new_tokens", "10"), ("max_new_tokens", 10.5), ("max_new_tokens", True),
+    ("max_new_tokens", MAX_NEW_TOKENS + 1),
+    ("min_new_tokens", "1"), ("min_new_tokens", 1.0), ("min_new_tokens", -1),
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0.7"),
+    ("top_p", float("nan")), ("length_penalty", float("nan")), ("length_penalty", float("-inf")),
+    ("repetition_penalty", float("inf")), ("repetition_penalty", float("nan")), ("repetition_penalty", -1.0),
+    ("top_k", 2.5), ("top_k", "5"), ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", 2.5),
+    ("seed", 2**70), ("seed", MAX_SEED + 1), ("seed", -1), ("seed", 1.5), ("seed", "42"), ("seed", True),
+    ("do_sample", "false"),
+])
+def test_invalid_settings_are_value_errors_naming_the_setting(name, value):
+    # From keyword arguments, as model.chat/ask/generate/stream build them.
+    with pytest.raises(ValueError, match=name):
+        Decoding.from_kwargs(**{name: value})
+
+
+def test_boundary_settings_are_accepted_as_plain_python_values():
+    settings = Decoding(num_beams=np.int64(MAX_BEAMS), max_new_tokens=MAX_NEW_TOKENS, seed=MAX_SEED, temperature=1,
+                        length_penalty=-1, top_k=np.int32(5))
+    assert (settings.num_beams, settings.seed, settings.top_k) == (MAX_BEAMS, MAX_SEED, 5)
+    assert type(settings.num_beams) is int and type(settings.temperature) is float
+    torch.manual_seed(settings.seed)  # the largest accepted seed is one torch takes
 
 
 def test_unknown_setting_named():

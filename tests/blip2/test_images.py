@@ -226,6 +226,31 @@ def test_pillow_bomb_warning_is_an_error_even_when_max_pixels_is_raised(count_de
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_photo_over_the_pixel_limit_is_decoded_small_and_downscaled(count_decodes):
+    """A 50 MP phone photo (JPEG) is not refused: libjpeg decodes it at a reduced scale (the full-size pixels never
+    exist) and it is downscaled to MAX_SIDE, keeping its aspect ratio and its EXIF orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: the picture is portrait
+    photo = encode(Image.new("RGB", (8000, 6300), COLOUR), "JPEG", quality=30, exif=exif)
+    assert 8000 * 6300 > images.MAX_PIXELS
+    out = load_image(photo)
+    assert out.size == (1613, images.MAX_SIDE) and out.mode == "RGB"
+    assert_close(out.getpixel((800, 1000)), COLOUR, 4)
+    assert count_decodes and all(w * h <= images.MAX_PIXELS for w, h in count_decodes)
+    assert load_image(io.BytesIO(photo)).size == out.size  # every source of encoded data alike
+
+
+def test_jpeg_over_pillows_bomb_limit_is_still_refused_before_decoding(count_decodes):
+    small = encode(Image.new("RGB", (16, 16), COLOUR), "JPEG")
+    sof = small.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
+    bomb = small[:sof + 5] + struct.pack(">HH", 12000, 12000) + small[sof + 9:]
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(io.BytesIO(bomb)) as img:
+        assert img.size == (12000, 12000)  # 144 M pixels declared: over Image.MAX_IMAGE_PIXELS, under twice it
+    with pytest.raises(InvalidImageError, match="decompression bomb"):
+        load_image(bomb)
+    assert count_decodes == []
+
+
 def test_empty_sides_are_rejected():
     with pytest.raises(InvalidImageError, match="empty side"):
         load_image(Image.new("RGB", (0, 5)))
