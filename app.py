@@ -120,7 +120,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="generations running at once (env BLIP2_MAX_CONCURRENCY)")
     p.add_argument("--queue-size", type=int, default=int(_env("BLIP2_QUEUE_SIZE", "16")),
                    help="requests waiting at most; more are told the app is busy (env BLIP2_QUEUE_SIZE)")
+    p.add_argument("--max-message-chars", type=_positive_int, default=_env("BLIP2_MAX_MESSAGE_CHARS", "4000"),
+                   help="longest message accepted, in characters (env BLIP2_MAX_MESSAGE_CHARS)")
+    p.add_argument("--upload-dir", default=_env("BLIP2_UPLOAD_DIR"),
+                   help="Gradio's upload folder, swept by the app; default <data-dir>/uploads (env BLIP2_UPLOAD_DIR)")
+    p.add_argument("--upload-ttl-minutes", type=_positive_int, default=_env("BLIP2_UPLOAD_TTL_MINUTES", "60"),
+                   help="uploaded files are deleted after this long (env BLIP2_UPLOAD_TTL_MINUTES)")
+    p.add_argument("--upload-max-mb", type=_positive_int, default=_env("BLIP2_UPLOAD_MAX_MB", "2048"),
+                   help="cap on the upload folder's size; the oldest files go first (env BLIP2_UPLOAD_MAX_MB)")
     return p.parse_args(argv)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {number}")
+    return number
+
+
+def upload_sweeper(args: argparse.Namespace):
+    """Point Gradio's upload folder (GRADIO_TEMP_DIR) at a folder of the app's own and return the sweeper that keeps
+    it bounded (app/uploads.py; start() it). Set before the UI is built: Gradio reads the variable then."""
+    from app.uploads import UploadSweeper
+
+    folder = Path(args.upload_dir or Path(args.data_dir) / "uploads").resolve()
+    data_dir = Path(args.data_dir).resolve()
+    if data_dir == folder or folder in data_dir.parents:  # the sweep would delete the history itself
+        raise SystemExit(f"error: --upload-dir {folder} must not contain the data dir {data_dir}")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return UploadSweeper(folder, max_age_s=args.upload_ttl_minutes * 60, max_bytes=args.upload_max_mb * 2**20)
 
 
 def parse_auth(entries: Sequence[str] | None, auth_file: str | None) -> list[tuple[str, str]] | None:
@@ -156,6 +187,7 @@ def browser_secret(data_dir: str | Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     auth = parse_auth(args.auth, args.auth_file)
+    sweeper = upload_sweeper(args)  # before gradio is imported: some of its modules read GRADIO_TEMP_DIR then
     from app.store import ConversationStore
     from app.ui import build_ui
 
@@ -167,11 +199,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     backend = Blip2Backend(model)
     print(f"Loaded {model.info.summary()}", flush=True)  # which model, precision and device
     store = ConversationStore(db_url=args.db_url, data_dir=args.data_dir)
+    sweeper.start()
     demo = build_ui(backend, store, auth=auth, max_concurrency=args.max_concurrency, queue_size=args.queue_size,
-                    browser_secret=browser_secret(args.data_dir))
+                    browser_secret=browser_secret(args.data_dir), max_message_chars=args.max_message_chars)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     finally:
+        sweeper.stop()
         store.close()
 
 

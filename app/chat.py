@@ -8,7 +8,9 @@ the reply still streams and a note says the history could not be saved.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import mimetypes
 import os
 import re
@@ -19,9 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.backend import Backend, BadImage, HistoryTurn
+from app.icons import glyph, replace_emoji
 
 from app.store import NotFound, StoreError, StoreUnavailable
 
+log = logging.getLogger(__name__)
 
 # Mirrors blip2.Decoding's defaults (app/ must not import blip2; tests/test_app_handlers.py checks they agree).
 DEFAULT_DECODING = dict(
@@ -30,7 +34,8 @@ DEFAULT_DECODING = dict(
 )
 # The decoding panel's controls, in order (ui.py builds one control per name).
 CONTROL_NAMES = ("mode", "temperature", "top_p", "max_new_tokens", "min_new_tokens", "length_penalty",
-                 "repetition_penalty", "num_beams")
+                 "repetition_penalty", "num_beams", "seed")
+MAX_SEED = 2**32 - 1  # blip2 takes up to 2**64 - 1; a number a person can type is plenty
 BEAM, SAMPLING = "Beam search", "Nucleus sampling"
 
 # One click, one prompt. The last five are the kinds of instruction shown in the BLIP-2 paper's Fig. 4.
@@ -48,10 +53,23 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024  # blip2's own limit; Gradio's upload limit i
 TITLE_CHARS = 60
 _OWNER_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
 SAVE_FAILED = "⚠️ History could not be saved ({reason}). The chat still works, but this part may be missing later."
+MODEL_FAILED = "The model could not answer this time because of an internal error. Please try again."
+INTERRUPTED = "⚠️ *(interrupted: the app stopped while this reply was being written)*"
+# One message holds a model slot for as long as it takes to read, so its length is capped (app.py:
+# --max-message-chars); the history sent with it is bounded too, so the work per turn does not grow with the chat.
+MAX_MESSAGE_CHARS = 4000
+MAX_HISTORY_TURNS = 8
+MAX_HISTORY_CHARS = 16000
+SAVE_EVERY_S = 1.5  # a streaming reply is saved this often, so a crash loses at most this much of it
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UserError(ValueError):
-    """Something the user can fix; the message is shown as is."""
+    """A message for the user, shown as is: something they can fix, or a plain account of what failed."""
+
+
+class WrongUser(UserError):
+    """A request for a session that another logged-in user started (its session hash leaked)."""
 
 
 # -- settings ---------------------------------------------------------------------------------------------------
@@ -65,12 +83,13 @@ def controls_from_settings(settings: dict | None) -> dict:
     return dict(mode=SAMPLING if s["do_sample"] else BEAM, temperature=s["temperature"], top_p=s["top_p"],
                 max_new_tokens=s["max_new_tokens"], min_new_tokens=s["min_new_tokens"],
                 length_penalty=s["length_penalty"], repetition_penalty=s["repetition_penalty"],
-                num_beams=s["num_beams"])
+                num_beams=s["num_beams"], seed=s["seed"])
 
 
 def settings_from_controls(mode=BEAM, temperature=None, top_p=None, max_new_tokens=None, min_new_tokens=None,
-                           length_penalty=None, repetition_penalty=None, num_beams=None) -> dict:
-    """Decoding settings for the backend from the panel; out-of-range values are clamped, never an error."""
+                           length_penalty=None, repetition_penalty=None, num_beams=None, seed=None) -> dict:
+    """Decoding settings for the backend from the panel; out-of-range values are clamped, never an error. An empty
+    seed means a fresh random one for every reply."""
     d = DEFAULT_DECODING
 
     def num(value, default, cast, lo, hi):
@@ -93,13 +112,48 @@ def settings_from_controls(mode=BEAM, temperature=None, top_p=None, max_new_toke
         repetition_penalty=num(repetition_penalty, d["repetition_penalty"], float, 0.5, 5.0),
         # Sampling streams token by token only with one beam; beam search streams its whole answer at the end.
         num_beams=1 if sampling else num(num_beams, d["num_beams"], int, 1, 10),
+        seed=None if seed is None or seed == "" else num(seed, None, int, 0, MAX_SEED),
     )
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
 def new_session() -> dict:
-    return dict(owner=None, conversation_id=None, image=None, image_hash=None, image_name=None, context=0,
-                turns=[], settings=dict(DEFAULT_DECODING), save_failed=False)
+    # user: the login name of whoever first used the session ("" without auth); None until then.
+    return dict(owner=None, user=None, conversation_id=None, image=None, image_hash=None, image_name=None,
+                context=0, turns=[], settings=dict(DEFAULT_DECODING), save_failed=False)
+
+
+def claim_session(session: dict, username: str | None) -> None:
+    """Tie ``session`` to the user of its first request; refuse anyone else (WrongUser) without touching it.
+
+    Gradio finds a session by its hash alone, and the hash travels in every queue URL: without this, another
+    logged-in user who learns it could continue the chat and have the model read its turns back to them."""
+    user = username or ""
+    if session.get("user") is None:
+        session["user"] = user
+    elif session["user"] != user:
+        raise WrongUser("This chat session belongs to another user, so it cannot be used here. "
+                        "Reload the page to start your own.")
+
+
+def check_text(text, limit: int = MAX_MESSAGE_CHARS, what: str = "message") -> str:
+    """``text`` stripped, or UserError saying plainly what is wrong with it. Run before anything is saved or sent:
+    a lone surrogate (half of an emoji) breaks the tokenizer and the database driver, PostgreSQL refuses NUL
+    characters, and a very long message holds a model slot for everyone waiting."""
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise UserError(f"The {what} must be text.")
+    text = text.strip()
+    if "\x00" in text:
+        raise UserError(f"The {what} contains a NUL character (\\0), which cannot be saved. Please remove it.")
+    if _SURROGATE.search(text):
+        raise UserError(f"The {what} contains a broken character (half of an emoji or symbol). "
+                        "Please retype or remove it.")
+    if len(text) > limit:
+        raise UserError(f"The {what} is too long ({len(text):,} characters); the limit is {limit:,}. "
+                        "Please shorten it.")
+    return text
 
 
 def new_owner_token() -> str:
@@ -120,23 +174,54 @@ def turn(role: str, text: str, context: int, **extra) -> dict:
     return dict(role=role, text=text, context=context, **extra)
 
 
-def chat_messages(session: dict) -> list[dict]:
-    """The Chatbot's value (messages format)."""
+def chat_messages(session: dict, picture=None) -> list[dict]:
+    """The Chatbot's value (messages format). ``picture(turn)`` gives a file to show for a picture change (the
+    user's message, as a thumbnail) or None; without it the change is the note alone. The chat's emoji are drawn
+    as SVG (app/icons.py); how a reply ended (stopped, cut at the length limit, regenerated differently) is a tag
+    after its text, never part of the text itself (which is what the model and the history see)."""
     out = []
     for t in session["turns"]:
         if t["role"] == "note":
-            out.append({"role": "assistant", "content": t["text"]})
+            path = picture(t) if picture is not None and t.get("image") else None
+            if path:
+                out.append({"role": "user", "content": {"path": path}})
+            out.append({"role": "assistant", "content": f'<span class="note">{replace_emoji(t["text"])}</span>'})
+        elif t["role"] == "user":
+            out.append({"role": "user", "content": t["text"]})
         else:
-            text = t["text"]
-            if t.get("status") == "stopped":
-                text = (text + " ⏹ *(stopped)*").strip()
-            out.append({"role": t["role"], "content": text or "…"})
+            out.append({"role": "assistant", "content": _reply_view(t)})
     return out
 
 
-def model_history(session: dict) -> list[HistoryTurn]:
+TYPING = '<span class="typing" aria-label="writing"><i></i><i></i><i></i></span>'
+
+
+def _tag(icon: str, text: str, cls: str) -> str:
+    return f' <span class="tag {cls}">{glyph(icon)} {text}</span>'
+
+
+def _reply_view(t: dict) -> str:
+    text, status = replace_emoji(t["text"]), t.get("status")
+    if status == "streaming":
+        return f"{text} {TYPING}" if text else TYPING
+    if status == "stopped":
+        text += _tag("stop", "*(stopped)*", "stopped")
+    elif status == "interrupted":
+        text = (text + " " + replace_emoji(INTERRUPTED)).strip()
+    if t.get("cut"):
+        text += _tag("cut", f"… *(cut at the length limit of {t['cut']} tokens: raise Max new tokens in "
+                            "Settings for longer answers)*", "cut")
+    if t.get("varied"):
+        text += _tag("refresh", f"*({t['varied']})*", "varied")
+    return text.strip() or "…"
+
+
+def model_history(session: dict, max_turns: int | None = None, max_chars: int | None = None) -> list[HistoryTurn]:
     """The current picture's turns for the backend: (user, assistant), or (user, assistant, token_ids) where the
-    model's ids for that reply are known (they ride along with this conversation's own replies only)."""
+    model's ids for that reply are known (they ride along with this conversation's own replies only).
+
+    At most the last ``max_turns`` turns, and only as many of the latest as fit in ``max_chars`` characters: the
+    model could not attend to more anyway, and tokenizing a long chat again on every turn would grow without bound."""
     pairs, pending = [], None
     for t in session["turns"]:
         if t["context"] != session["context"] or t["role"] == "note":
@@ -148,15 +233,28 @@ def model_history(session: dict) -> list[HistoryTurn]:
                 ids = t.get("token_ids")
                 pairs.append((pending, t["text"]) if ids is None else (pending, t["text"], list(ids)))
             pending = None
+    if max_turns is not None:
+        pairs = pairs[-max_turns:] if max_turns > 0 else []
+    if max_chars is not None:
+        kept, total = [], 0
+        for pair in reversed(pairs):
+            total += len(pair[0]) + len(pair[1])
+            if total > max_chars:
+                break
+            kept.append(pair)
+        pairs = kept[::-1]
     return pairs
 
 
 def read_upload(path: str | os.PathLike, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """An uploaded file's bytes, refusing oversized files before reading them."""
-    size = os.path.getsize(path)
-    if size > limit:
-        raise BadImage(f"The file is too large ({size / 2**20:.1f} MiB); the limit is {limit / 2**20:.0f} MiB.")
-    return Path(path).read_bytes()
+    try:
+        size = os.path.getsize(path)
+        if size > limit:
+            raise BadImage(f"The file is too large ({size / 2**20:.1f} MiB); the limit is {limit / 2**20:.0f} MiB.")
+        return Path(path).read_bytes()
+    except FileNotFoundError:  # swept from the upload folder (app/uploads.py) before it was used
+        raise BadImage("The uploaded file is no longer on the server. Please upload it again.") from None
 
 
 def guess_mime(name: str | None, data: bytes) -> str:
@@ -172,10 +270,20 @@ def guess_mime(name: str | None, data: bytes) -> str:
 class ChatApp:
     """The handlers. ``backend`` is an :class:`app.backend.Backend`, ``store`` a ``ConversationStore`` or None."""
 
-    def __init__(self, backend: Backend, store=None, *, max_image_bytes: int = MAX_IMAGE_BYTES):
+    def __init__(self, backend: Backend, store=None, *, max_image_bytes: int = MAX_IMAGE_BYTES,
+                 max_message_chars: int = MAX_MESSAGE_CHARS, max_history_turns: int = MAX_HISTORY_TURNS,
+                 max_history_chars: int = MAX_HISTORY_CHARS, save_every_s: float = SAVE_EVERY_S):
         self.backend = backend
         self.store = store
         self.max_image_bytes = max_image_bytes
+        self.max_message_chars = max_message_chars
+        self.max_history_turns = max_history_turns
+        self.max_history_chars = max_history_chars
+        self.save_every_s = save_every_s
+
+    def check_message(self, text) -> str:
+        """The message stripped, or UserError (see check_text)."""
+        return check_text(text, self.max_message_chars)
 
     # -- persistence, failure-tolerant ---------------------------------------------------------------------------
     def _save(self, session: dict, method: str, *args, **kwargs):
@@ -196,6 +304,8 @@ class ChatApp:
         return result
 
     def ensure_owner(self, session: dict, username: str | None = None) -> str:
+        """The session's owner, after checking that ``username`` may use the session (claim_session: WrongUser)."""
+        claim_session(session, username)
         if session["owner"] is None or (username and session["owner"] != f"user:{username}"):
             session["owner"], _ = owner_for(username, None)
         return session["owner"]
@@ -231,6 +341,10 @@ class ChatApp:
                                                  "Nothing else changed; try another file.", session["context"]))
             return False
         had_image = session["image"] is not None
+        if had_image and data == session["image"]:
+            # The same picture again (the same example clicked twice, a file attached once more): the model would
+            # see the same thing, so the conversation about it goes on rather than starting over.
+            return True
         session["image"], session["image_name"] = data, name
         session["context"] += 1
         session["image_hash"] = None
@@ -238,7 +352,7 @@ class ChatApp:
             "note", f"🖼️ **New picture: {name}.** " + ("From here on the model looks at this picture; "
                                                       "earlier turns are not sent with it." if had_image else
                                                       "Ask anything about it, or pick a preset."),
-            session["context"], image=True))
+            session["context"], image=True, digest=hashlib.sha256(data).hexdigest()))
         if self._ensure_conversation(session, f"Picture: {name}"):
             digest = self._save_image(session, data, name)
             session["image_hash"] = digest
@@ -264,8 +378,9 @@ class ChatApp:
     # -- chatting ----------------------------------------------------------------------------------------------
     def send(self, session: dict, text: str, settings: dict | None = None) -> Iterator[dict]:
         """Ask ``text`` about the current picture; yields after every streamed chunk (the reply grows in
-        ``session["turns"][-1]``). Closing the generator (Stop, a client that went away) cancels generation."""
-        text = (text or "").strip()
+        ``session["turns"][-1]``). Closing the generator (Stop, a client that went away) cancels generation.
+        A message that cannot be used (check_text) raises UserError before anything changes."""
+        text = self.check_message(text)
         if not text:
             return
         if settings is not None:
@@ -276,7 +391,7 @@ class ChatApp:
                                                  "(or click an example).", session["context"]))
             yield session
             return
-        history = model_history(session)
+        history = model_history(session, self.max_history_turns, self.max_history_chars)
         first_question = not any(t["role"] == "user" for t in session["turns"])
         self._ensure_conversation(session, text)
         if first_question and session["conversation_id"] is not None:  # titled by its first question
@@ -285,21 +400,27 @@ class ChatApp:
             except NotFound:
                 session["conversation_id"] = None
         session["turns"].append(turn("user", text, session["context"]))
-        self._add_message(session, "user", text)
-        yield from self._reply(session, history, text)
+        saved = self._add_message(session, "user", text) is not None
+        # A reply whose question could not be saved is not saved either: the history never shows an answer to
+        # nothing (the chat itself still answers).
+        yield from self._reply(session, history, text, save=saved)
 
-    def _reply(self, session: dict, history, text: str) -> Iterator[dict]:
+    def _reply(self, session: dict, history, text: str, save: bool = True) -> Iterator[dict]:
         reply = turn("assistant", "", session["context"], status="streaming")
         session["turns"].append(reply)
-        message_id = self._add_message(session, "assistant", "", status="streaming")
+        message_id = self._add_message(session, "assistant", "", status="streaming") if save else None
         yield session
         stream, chunks, status, error = None, None, "stopped", None
-        t0 = time.perf_counter()
+        t0 = last_save = time.perf_counter()
         try:
             stream = self.backend.chat(session["image"], history, text, dict(session["settings"]))
             chunks = iter(stream)
             for chunk in chunks:
                 reply["text"] += chunk
+                # Every few seconds, not every chunk: a crash then loses little and the database is not hammered.
+                if message_id is not None and time.perf_counter() - last_save >= self.save_every_s:
+                    message_id = self._save_partial(session, message_id, reply["text"])
+                    last_save = time.perf_counter()
                 yield session
             status = "done"
         except BadImage as exc:
@@ -309,8 +430,10 @@ class ChatApp:
             status, error = "error", str(exc)
             reply["text"] = f"⚠️ {exc}"
         except Exception as exc:  # noqa: BLE001 - one failed reply must not take the chat down
+            # The details go to the log and the saved row; the person chatting gets a plain sentence.
+            log.exception("chat: generation failed")
             status, error = "error", f"{type(exc).__name__}: {exc}"
-            reply["text"] = f"⚠️ The model failed: {error}"
+            reply["text"] = f"⚠️ {MODEL_FAILED}"
         finally:
             # Runs on Stop and on client disconnect too (Gradio closes the generator): stop the model first.
             if stream is not None:
@@ -318,14 +441,28 @@ class ChatApp:
             if chunks is not None and hasattr(chunks, "close"):
                 chunks.close()
             self._finish(session, reply, message_id, stream, status, error, time.perf_counter() - t0)
-        if reply.get("notice"):
+        if reply.get("notice") or status == "error":  # the error text replaced what was last shown
             yield session
+
+    def _save_partial(self, session: dict, message_id: str, text: str) -> str | None:
+        """Save a streaming reply's text so far (its status stays 'streaming'; a store that starts after a crash
+        marks it 'interrupted'). Quiet on failure: the final save reports it. None once the message is gone."""
+        try:
+            self.store.update_message(session["owner"], message_id, text=text)
+        except NotFound:  # deleted in another tab
+            return None
+        except (StoreError, OSError, ValueError) as exc:
+            log.warning("chat: partial reply not saved: %s", exc)
+        return message_id
 
     def _finish(self, session, reply, message_id, stream, status, error, seconds):
         stats = getattr(stream, "reply", None) if stream is not None else None
         if stats is not None and stats.cancelled and status == "done":
             status = "stopped"
         reply["status"] = status
+        limit = session["settings"].get("max_new_tokens")
+        if status == "done" and stats is not None and limit and stats.new_tokens >= limit:
+            reply["cut"] = limit  # it ended because it ran out of tokens, not because the answer was complete
         token_ids = _reply_ids(stats, reply["text"], status)
         if token_ids is not None:
             reply["token_ids"] = token_ids
@@ -347,15 +484,30 @@ class ChatApp:
             session["conversation_id"] = None
 
     def regenerate(self, session: dict, settings: dict | None = None) -> Iterator[dict]:
-        """Answer the last question again (with the current settings)."""
+        """Answer the last question again (with the current settings), differently where those settings would
+        repeat the same words: greedy and beam search are deterministic, and so is sampling with a fixed seed, so
+        this one reply samples with a fresh seed instead, and says so under it. The settings stay as they are."""
         last = _last_user_index(session)
         if last is None or session["turns"][last]["context"] != session["context"] or session["image"] is None:
             session["turns"].append(turn("note", "Nothing to regenerate yet.", session["context"]))
             yield session
             return
-        text = session["turns"][last]["text"]
+        text = self.check_message(session["turns"][last]["text"])  # before undo: a refused text must not be lost
+        if settings is not None:
+            self._remember_settings(session, settings)
+        chosen = session["settings"]
+        varied, why = _varied(chosen)
         self.undo(session)
-        yield from self.send(session, text, settings)
+        start = len(session["turns"])
+        session["settings"] = varied  # for this reply only (its generation record shows what was used)
+        try:
+            for step in self.send(session, text, None):
+                reply = next((t for t in session["turns"][start:] if t["role"] == "assistant"), None)
+                if why and reply is not None:
+                    reply["varied"] = why
+                yield step
+        finally:
+            session["settings"] = chosen
 
     def undo(self, session: dict) -> bool:
         """Remove the last question and everything after it, here and in the history (as the store's
@@ -383,9 +535,9 @@ class ChatApp:
 
     # -- conversations -----------------------------------------------------------------------------------------
     def new_conversation(self, session: dict) -> None:
-        owner, settings = session["owner"], session["settings"]
+        owner, user, settings = session["owner"], session.get("user"), session["settings"]
         session.clear()
-        session.update(new_session(), owner=owner, settings=settings)
+        session.update(new_session(), owner=owner, user=user, settings=settings)
 
     def conversation_rows(self, session: dict) -> list:
         """The owner's conversation summaries, newest first; [] when the store is unavailable."""
@@ -416,7 +568,7 @@ class ChatApp:
             if m.image_hash:
                 context += 1
                 image_hash = m.image_hash
-                turns.append(turn("note", m.text or "🖼️ Picture", context, image=True))
+                turns.append(turn("note", m.text or "🖼️ Picture", context, image=True, digest=m.image_hash))
             elif m.role == "system":
                 turns.append(turn("note", m.text, context))
             elif m.role in ("user", "assistant"):
@@ -431,23 +583,57 @@ class ChatApp:
             except StoreError:
                 turns.append(turn("note", "⚠️ The picture of this conversation could not be loaded.", context))
         settings = {**DEFAULT_DECODING, **(view.settings or {})}
-        owner = session["owner"]
+        owner, user = session["owner"], session.get("user")
         session.clear()
-        session.update(new_session(), owner=owner, conversation_id=view.id, image=image, image_hash=image_hash,
-                       image_name="picture", context=context, turns=turns, settings=settings)
+        session.update(new_session(), owner=owner, user=user, conversation_id=view.id, image=image,
+                       image_hash=image_hash, image_name="picture", context=context, turns=turns, settings=settings)
 
     def rename(self, session: dict, conversation_id: str, title: str) -> None:
-        title = _title(title)
+        title = _title(check_text(title, self.max_message_chars, what="title"))
         if not conversation_id or not title:
             raise UserError("Pick a conversation and type a new title.")
         self._owned(self.store.rename_conversation, session, conversation_id, title)
 
-    def delete(self, session: dict, conversation_id: str) -> None:
+    def delete(self, session: dict, conversation_id: str) -> dict:
+        """Delete a conversation; returns what ``restore`` needs to put it back (Undo), kept by the caller only."""
         if not conversation_id:
             raise UserError("Pick a conversation to delete.")
+        view = self._owned(self.store.get_conversation, session, conversation_id)
+        images = {}
+        for digest in {m.image_hash for m in view.messages if m.image_hash}:
+            images[digest] = self.picture_bytes(session, digest)  # read now: deleting frees unused image files
         self._owned(self.store.delete_conversation, session, conversation_id)
         if session["conversation_id"] == conversation_id:
             self.new_conversation(session)
+        return dict(owner=session["owner"], view=view, images=images)
+
+    def restore(self, session: dict, deleted: dict) -> str:
+        """Put a deleted conversation back from what ``delete`` returned: its title, settings, pictures and messages
+        (with their token ids), under a new id. Returns the id."""
+        if self.store is None or deleted.get("owner") != session["owner"]:
+            raise UserError("That conversation cannot be restored here.")
+        view, owner = deleted["view"], session["owner"]
+        try:
+            cid = self.store.create_conversation(owner, view.title, settings=view.settings)
+            for m in view.messages:
+                data, digest = deleted["images"].get(m.image_hash), None
+                if data is not None:
+                    digest = self.store.save_image(owner, cid, data, guess_mime(None, data))
+                self.store.add_message(owner, cid, m.role, m.text, error=m.error, image_hash=digest,
+                                       status="stopped" if m.status == "streaming" else m.status,
+                                       token_ids=m.token_ids)
+        except (StoreError, NotFound, OSError, ValueError):
+            raise UserError("The conversation could not be restored (the history is unavailable).") from None
+        return cid
+
+    def picture_bytes(self, session: dict, digest: str) -> bytes | None:
+        """One of the owner's saved pictures, or None when it cannot be read."""
+        if self.store is None or not digest:
+            return None
+        try:
+            return self.store.image_bytes(session["owner"], digest)
+        except (StoreError, NotFound, OSError):
+            return None
 
     def export(self, session: dict, conversation_id: str, folder: str | None = None) -> list[str]:
         """Write the conversation as JSON and Markdown files; returns their paths."""
@@ -474,8 +660,13 @@ class ChatApp:
 
     # -- one-shot API (no history) ------------------------------------------------------------------------------
     def one_shot(self, data: bytes, question: str | None, settings: dict | None = None) -> Iterator[str]:
-        """Cumulative text of a caption (``question`` None) or an answer; BadImage/ValueError -> UserError."""
+        """Cumulative text of a caption (``question`` None) or an answer. Every failure is a UserError: the
+        message itself for bad input (picture, question, settings), MODEL_FAILED for anything else."""
         settings = dict(settings or DEFAULT_DECODING)
+        if question is not None:
+            question = self.check_message(question)
+            if not question:
+                raise UserError("Ask a question.")
         try:
             if len(data) > self.max_image_bytes:
                 raise BadImage(f"The file is too large; the limit is {self.max_image_bytes / 2**20:.0f} MiB.")
@@ -484,11 +675,17 @@ class ChatApp:
                       else self.backend.chat(data, [], question, settings))
         except (BadImage, ValueError) as exc:
             raise UserError(str(exc)) from None
+        except Exception:  # noqa: BLE001 - said plainly to the caller; the details go to the log
+            log.exception("one-shot: generation failed to start")
+            raise UserError(MODEL_FAILED) from None
         text, chunks = "", iter(stream)
         try:
             for chunk in chunks:
                 text += chunk
                 yield text
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("one-shot: generation failed")
+            raise UserError(MODEL_FAILED) from None
         finally:
             stream.cancel()
             if hasattr(chunks, "close"):
@@ -502,6 +699,21 @@ def _reply_ids(stats, shown: str, status: str) -> list[int] | None:
     if status != "done" or ids is None or stats.text.strip() != shown.strip():
         return None
     return list(ids)
+
+
+def _varied(settings: dict) -> tuple[dict, str | None]:
+    """Settings for a regenerated reply that can differ from the last one, and a note saying how (None: the
+    settings already sample with a fresh random seed every time)."""
+    seed = secrets.randbelow(MAX_SEED + 1)
+    if not settings["do_sample"]:
+        how = "greedy decoding" if settings["num_beams"] == 1 else "beam search"
+        # A moderate temperature: different words, still about the picture.
+        return (dict(settings, do_sample=True, num_beams=1, temperature=min(settings["temperature"], 0.7), seed=seed),
+                f"regenerated by sampling with seed {seed}: {how} would repeat the same answer. "
+                "Your settings are unchanged")
+    if settings.get("seed") is not None:
+        return dict(settings, seed=seed), f"regenerated with seed {seed} instead of your fixed seed"
+    return dict(settings), None
 
 
 def _last_user_index(session: dict) -> int | None:

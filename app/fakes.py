@@ -71,10 +71,11 @@ class FakeBackend:
         if len(image) < 16:
             raise BadImage("The image file is truncated.")
 
-    def _stream(self, image, text):
+    def _stream(self, image, text, settings):
         self.check_image(image)
         tag = hashlib.sha256(image).hexdigest()[:8]
         words = [f"{w} " for w in (["answer", f"img-{tag}", f"to:{text[:20]}"] + ["word"] * self.words)][: 3 + self.words]
+        words = words[: settings.get("max_new_tokens") or None]  # one word per token, so the limit cuts as a model's
         stream = FakeStream(words, self.delay, self.notice, self.report_ids)
         self.streams.append(stream)
         return stream
@@ -82,11 +83,11 @@ class FakeBackend:
     def chat(self, image, history, message, settings):
         self.calls.append(dict(kind="chat", history=copy.deepcopy(list(history)), message=message,
                                settings=dict(settings)))
-        return self._stream(image, message)
+        return self._stream(image, message, settings)
 
     def caption(self, image, settings):
         self.calls.append(dict(kind="caption", settings=dict(settings)))
-        return self._stream(image, "caption")
+        return self._stream(image, "caption", settings)
 
 
 @dataclass

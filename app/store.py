@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _MIME_RE = re.compile(r"image/[a-z0-9][a-z0-9.+-]{0,60}")
+# PostgreSQL refuses NUL in text and no driver can encode a lone surrogate: both become U+FFFD before saving.
+_UNSAVABLE_RE = re.compile("[\x00\ud800-\udfff]")
 _UNSET: Any = object()
 
 
@@ -157,8 +159,13 @@ def _check_owner(owner: str) -> None:
         raise ValueError(f"owner must be a non-empty string of at most {MAX_OWNER} characters")
 
 
+def _clean_text(text: str | None) -> str | None:
+    """``text`` with the characters no backend can store replaced by U+FFFD (the same on SQLite and PostgreSQL)."""
+    return _UNSAVABLE_RE.sub("\ufffd", text) if isinstance(text, str) else text
+
+
 def _clean_title(title: str) -> str:
-    title = title.strip() if isinstance(title, str) else ""
+    title = _clean_text(title).strip() if isinstance(title, str) else ""
     if not 1 <= len(title) <= MAX_TITLE:
         raise ValueError(f"A title needs 1 to {MAX_TITLE} characters.")
     return title
@@ -218,6 +225,7 @@ class ConversationStore:
         self._write_engine = self.engine.execution_options(blip2_write=True)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        self._started = _now()  # replies still streaming from before this moment were cut off (_mark_interrupted)
         try:
             self._ensure_schema()
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
@@ -276,6 +284,7 @@ class ConversationStore:
                 return
             try:
                 upgrade(self._write_engine)
+                self._mark_interrupted()
             except CommandError as exc:  # e.g. the database's revision is unknown: written by a newer app
                 raise StoreError(f"The history database has a schema this version of the app does not know ({exc})."
                                  " Upgrade the app, or point it at another database.") from exc
@@ -284,6 +293,21 @@ class ConversationStore:
             except sa_exc.DBAPIError as exc:  # e.g. no CREATE privilege on PostgreSQL
                 raise StoreError(f"The history tables could not be created or upgraded: {_reason(exc)}") from exc
             self._schema_ready = True
+
+    def _mark_interrupted(self) -> None:
+        """Replies left 'streaming' (or 'pending') by a process that died mid-answer (crash, kill -9) become
+        'interrupted', keeping the text saved so far (the chat saves a streaming reply every few seconds).
+
+        Runs once, when the store first reaches its database, for rows created before the store was. Where several
+        app processes share one PostgreSQL database, a reply another process is streaming at that moment is marked
+        too; its final save sets its real status, so the mark only shows if that process dies as well."""
+        with self._write_engine.begin() as conn:
+            n = conn.execute(update(Message)
+                             .where(Message.status.in_(("pending", "streaming")), Message.created_at < self._started)
+                             .values(status="interrupted")).rowcount
+        if n:
+            log.warning("store: %d unfinished repl%s from before this start marked 'interrupted'", n,
+                        "y" if n == 1 else "ies")
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[Session]:
@@ -495,6 +519,7 @@ class ConversationStore:
         _check_choice("status", status, STATUSES)
         if not isinstance(text, str):
             raise ValueError("text must be a string")
+        text, error = _clean_text(text), _clean_text(error)
         token_ids = _clean_token_ids(token_ids)
         with self._tx(write=True) as s:
             c = self._conversation(s, owner, conversation_id, lock=True)
@@ -520,6 +545,9 @@ class ConversationStore:
             _check_choice("status", status, STATUSES)
         if text is not None and not isinstance(text, str):
             raise ValueError("text must be a string")
+        text = _clean_text(text)
+        if error is not _UNSET:
+            error = _clean_text(error)
         if token_ids is not _UNSET:
             token_ids = _clean_token_ids(token_ids)
         elif text is not None:
@@ -625,6 +653,8 @@ class ConversationStore:
                 lines += [f"> **Error:** {m['error'] or 'generation failed'}", ""]
             elif m["status"] == "stopped":
                 lines += ["*(stopped)*", ""]
+            elif m["status"] == "interrupted":
+                lines += ["*(interrupted: the app stopped while this reply was being written)*", ""]
             elif m["status"] in ("pending", "streaming"):
                 lines += ["*(incomplete)*", ""]
             for g in m["generations"]:

@@ -27,7 +27,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 ROLES = ("user", "assistant", "system")
-STATUSES = ("pending", "streaming", "done", "stopped", "error")
+# interrupted: still streaming when the app stopped (crash, kill -9); the store marks such rows when it starts.
+STATUSES = ("pending", "streaming", "done", "stopped", "error", "interrupted")
 MAX_TITLE = 200
 MAX_OWNER = 255
 
@@ -105,7 +106,8 @@ class Message(Base):
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq"),  # also the index for "messages of a conversation in order"
         CheckConstraint("role IN ('user', 'assistant', 'system')", name="role"),
-        CheckConstraint("status IN ('pending', 'streaming', 'done', 'stopped', 'error')", name="status"),
+        CheckConstraint("status IN ('pending', 'streaming', 'done', 'stopped', 'error', 'interrupted')",
+                        name="status"),
     )
 
 

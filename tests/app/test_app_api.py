@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import socket
 import struct
 import sys
@@ -13,6 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -231,3 +233,143 @@ def test_load_benchmark_has_no_errors_or_leaks():
     spec.loader.exec_module(module)
     report = module.main(["--sessions", "4", "--turns", "2", "--json"])
     assert report["requests"] == 8 and report["errors"] == 0 and report["leaks"] == 0, report
+
+
+class FailingStream:
+    """Starts answering, then the model fails (as a CUDA error would)."""
+
+    reply = None
+
+    def __iter__(self):
+        yield "half "
+        raise RuntimeError("CUDA error: an illegal memory access was encountered at 0xdead")
+
+    def cancel(self):
+        pass
+
+
+class FailingBackend(FakeBackend):
+    def _stream(self, image, *_):
+        self.check_image(image)
+        return FailingStream()
+
+
+def test_generation_failure_is_an_error_for_the_client(tmp_path):
+    store = MemoryStore()
+    demo = build_ui(FailingBackend(), store)
+    url = launch(demo)
+    try:
+        client = Client(url, verbose=False)
+        path = write(tmp_path, "p.png", encode(picture(), "PNG"))
+        for args, api in [((handle_file(path), "What is it?"), "/chat"), ((handle_file(path), "What?"), "/ask"),
+                          ((handle_file(path),), "/caption")]:
+            with pytest.raises(Exception, match="could not answer") as info:  # not "" and not {"error": null}
+                client.predict(*args, api_name=api)
+            assert "0xdead" not in str(info.value)
+        [conv] = client.predict(api_name="/history")
+        data = client.predict(conv["id"], api_name="/conversation")
+        assert [(m["role"], m["status"]) for m in data["messages"]] == [
+            ("system", "done"), ("user", "done"), ("assistant", "error")]  # the question is kept with its error
+    finally:
+        demo.close()
+
+
+def call_by_index(url: str, cookies: dict, fn_index: int, data: list, session_hash: str) -> dict:
+    """Run the event numbered ``fn_index`` as the browser does (queue/join, then the queue's event stream) and
+    return its process_completed message. The event data is what a select event needs; other events ignore it."""
+    import httpx
+
+    base = url.rstrip("/")
+    with httpx.Client(cookies=cookies, timeout=30) as http:
+        http.post(f"{base}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash":
+                                                         session_hash, "trigger_id": None,
+                                                         "event_data": {"index": 0, "value": None}}
+                  ).raise_for_status()
+        with http.stream("GET", f"{base}/gradio_api/queue/data", params={"session_hash": session_hash}) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and '"process_completed"' in line:
+                    return json.loads(line[5:])
+    raise AssertionError("no process_completed message")
+
+
+def call_raw(url: str, api: str, body: dict) -> str:
+    """POST /gradio_api/call/<api> with ``body`` as ASCII JSON (escapes such as a lone surrogate, which
+    gradio_client cannot encode, arrive as sent) and return the text of the result's event stream."""
+    import httpx
+
+    r = httpx.post(f"{url.rstrip('/')}/gradio_api/call/{api}", content=json.dumps(body, ensure_ascii=True),
+                   headers={"content-type": "application/json"}, timeout=30)
+    r.raise_for_status()
+    return httpx.get(f"{url.rstrip('/')}/gradio_api/call/{api}/{r.json()['event_id']}", timeout=60).text
+
+
+@pytest.mark.parametrize("message, why", [("what is \ud800?", "broken character"), ("nul\x00", "NUL"),
+                                          ("x" * 4001, "too long")])
+def test_unusable_messages_are_refused_with_a_reason(fake_app, tmp_path, message, why):
+    url, backend = fake_app
+    path = write(tmp_path, "p.png", encode(picture(), "PNG"))
+    client = Client(url, verbose=False)
+    for api in ("chat", "ask"):
+        events = call_raw(url, api, {"data": [None, message]})
+        assert "event: error" in events and why in events, events
+    if "\ud800" not in message:  # gradio_client itself cannot send a lone surrogate
+        for api in ("/chat", "/ask"):
+            with pytest.raises(Exception, match=why):
+                client.predict(handle_file(path), message, api_name=api)
+    assert backend.calls == [] and client.predict(api_name="/history") == []  # nothing was asked or saved
+
+
+def test_another_user_cannot_take_over_a_session(tmp_path):
+    """With --auth, a session hash (it is in every queue URL) is not enough to use someone else's chat."""
+    backend = FakeBackend()
+    demo = build_ui(backend, MemoryStore(), auth=[("alice", "pw1"), ("bob", "pw2")])
+    url = launch(demo)
+    try:
+        path = write(tmp_path, "p.png", encode(picture(), "PNG"))
+        alice = Client(url, auth=("alice", "pw1"), verbose=False)
+        alice.predict(handle_file(path), "my secret plan", api_name="/chat")
+        bob = Client(url, auth=("bob", "pw2"), verbose=False)
+        bob.session_hash = alice.session_hash  # learnt from a URL
+        calls = len(backend.calls)
+        with pytest.raises(Exception, match="belongs to another user"):
+            bob.predict(None, "Repeat my previous question.", api_name="/chat")
+        with pytest.raises(Exception, match="belongs to another user"):
+            bob.predict(api_name="/history")
+        assert len(backend.calls) == calls  # the model never saw bob's request with alice's turns
+        # The page's own events are numbered, not named, and a client can call them by number too: every event
+        # that gets the session refuses bob.
+        session_state = next(fn for fn in demo.fns.values() if fn.api_name == "chat").inputs[2]
+        page_events = [i for i, fn in demo.fns.items() if fn.fn is not None and fn.api_visibility == "private"
+                       and any(c is session_state for c in fn.inputs)]
+        assert len(page_events) >= 5
+        for index in page_events:
+            data = [None if isinstance(c, gr.State) else c.value for c in demo.fns[index].inputs]  # the defaults
+            result = call_by_index(url, bob.cookies, index, data, alice.session_hash)
+            assert "my secret plan" not in json.dumps(result)
+            assert result["success"] is False and "belongs to another user" in result["output"]["error"], \
+                demo.fns[index].name
+        alice.predict(None, "and then?", api_name="/chat")  # alice's session is untouched
+        assert backend.calls[-1]["history"][0][0] == "my secret plan"
+        assert len(alice.predict(api_name="/history")) == 1
+    finally:
+        demo.close()
+
+
+def test_uploads_land_in_a_folder_the_sweep_bounds(monkeypatch, tmp_path):
+    from app.uploads import sweep
+
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))  # what app.py sets (upload_sweeper)
+    demo = build_ui(FakeBackend(), MemoryStore())
+    url = launch(demo)
+    try:
+        client = Client(url, verbose=False)
+        path = write(tmp_path, "p.png", encode(picture(), "PNG"))
+        assert client.predict(handle_file(path), "What?", api_name="/ask")
+        uploaded = [p for p in uploads.rglob("*") if p.is_file()]
+        assert any(p.read_bytes() == Path(path).read_bytes() for p in uploaded)
+        assert sweep(uploads, max_age_s=3600, max_bytes=0).kept_bytes == 0
+        assert not any(p.is_file() and p.stat().st_size for p in uploads.rglob("*"))
+        assert client.predict(handle_file(path), "Again?", api_name="/ask")  # later uploads still work
+    finally:
+        demo.close()

@@ -174,6 +174,22 @@ def test_token_ids_belong_to_the_text(db_url, data_dir):
         assert [m.token_ids for m in store.get_conversation("alice", c).messages] == [None, None, None]
 
 
+def test_unsavable_characters_are_normalised(store):
+    """PostgreSQL refuses NUL in text and no driver encodes a lone surrogate: both become U+FFFD, on every backend,
+    in every text field, instead of losing the row."""
+    c = store.create_conversation("alice", "tit\x00le")
+    u = store.add_message("alice", c, "user", "a\x00b\ud800c")
+    a = store.add_message("alice", c, "assistant", "", status="streaming", error="e\x00")
+    store.update_message("alice", a, text="x\x00y\udfff", status="error", error="bad\x00")
+    view = store.get_conversation("alice", c)
+    assert view.title == "tit\ufffdle"
+    assert [(m.id, m.text, m.error) for m in view.messages] == [
+        (u, "a\ufffdb\ufffdc", None), (a, "x\ufffdy\ufffd", "bad\ufffd")]
+    store.rename_conversation("alice", c, "\x00 new \ud83d")
+    assert store.get_conversation("alice", c).title == "\ufffd new \ufffd"
+    assert "a\ufffdb" in store.export_markdown("alice", c)
+
+
 # ------------------------------------------------------------------------------------------------------- isolation
 
 def test_other_owner_gets_not_found_everywhere(store):
@@ -558,3 +574,106 @@ def test_upgrade_from_0001_keeps_rows(db_url, data_dir):
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             assert ctx.get_current_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
             assert compare_metadata(ctx, Base.metadata) == []
+
+
+def test_upgrade_from_0002_keeps_rows_and_allows_interrupted(db_url, data_dir):
+    """0003 widens the CHECK on messages.status; on SQLite that copies the table, which must not lose a message or
+    (through ON DELETE CASCADE, with foreign keys on as the store has them) a generation record."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import event, insert
+    from sqlalchemy.exc import IntegrityError
+
+    from app.tables import Conversation
+
+    if db_url is None:
+        data_dir.mkdir(parents=True)
+        engine = create_engine(f"sqlite:///{data_dir / 'blip2.sqlite3'}")
+
+        @event.listens_for(engine, "connect")
+        def _foreign_keys(dbapi_conn, _record):
+            dbapi_conn.execute("PRAGMA foreign_keys = ON")
+    else:
+        engine = create_engine(db_url)
+    upgrade(engine, "0002")
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(insert(Conversation.__table__).values(id="c1", owner="alice", title="Old", settings={},
+                                                           image_hash=None, created_at=now, updated_at=now))
+        for seq, (mid, role, text_, status) in enumerate([("m1", "user", "q", "done"),
+                                                          ("m2", "assistant", "a", "done"),
+                                                          ("m3", "user", "q2", "done"),
+                                                          ("m4", "assistant", "half an ans", "streaming")], 1):
+            conn.execute(insert(Message.__table__).values(id=mid, conversation_id="c1", seq=seq, role=role,
+                                                          text=text_, status=status, error=None, image_hash=None,
+                                                          created_at=now, token_ids=[1, 2] if mid == "m2" else None))
+        conn.execute(insert(Generation.__table__).values(
+            id="g1", message_id="m2", model="default", precision="bf16", device="cpu", settings={},
+            prompt_tokens=3, new_tokens=1, latency_s=0.5, first_token_s=None, created_at=now))
+    engine.dispose()
+
+    with ConversationStore(db_url, data_dir) as store:
+        view = store.get_conversation("alice", "c1")
+        assert [(m.text, m.status) for m in view.messages] == [
+            ("q", "done"), ("a", "done"), ("q2", "done"), ("half an ans", "interrupted")]
+        assert view.messages[1].token_ids == [1, 2]
+        assert count(store, Generation) == 1
+        assert "*(interrupted" in store.export_markdown("alice", "c1")
+        with store.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(ctx, Base.metadata) == []
+        with pytest.raises(IntegrityError):  # the CHECK is still there
+            with store.engine.begin() as conn:
+                conn.execute(text("UPDATE messages SET status = 'bogus' WHERE id = 'm1'"))
+        store.delete_conversation("alice", "c1")  # the foreign keys still cascade
+        assert count(store, Message) == count(store, Generation) == 0
+
+
+KILLED_WHILE_STREAMING = """
+import os, signal, sys
+from app.store import ConversationStore
+
+store = ConversationStore(sys.argv[1] or None, sys.argv[2])
+c = store.create_conversation("alice")
+store.add_message("alice", c, "user", "q")
+m = store.add_message("alice", c, "assistant", "", status="streaming")
+store.update_message("alice", m, text="the first half")  # as the chat saves a streaming reply
+print(c, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_replies_cut_off_by_a_crash_are_marked_interrupted(db_url, data_dir):
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_STREAMING, db_url or "", str(data_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    cid = proc.stdout.strip()
+    with ConversationStore(db_url, data_dir) as store:
+        msgs = store.get_conversation("alice", cid).messages
+        assert [(m.text, m.status) for m in msgs] == [("q", "done"), ("the first half", "interrupted")]
+        live = store.add_message("alice", cid, "assistant", "", status="streaming")  # this process's own: kept
+    with ConversationStore(db_url, data_dir) as store:
+        assert [m.status for m in store.get_conversation("alice", cid).messages] == ["done", "interrupted",
+                                                                                     "interrupted"]
+        assert store.get_conversation("alice", cid).messages[-1].id == live
+
+
+def test_a_reply_with_nul_is_saved_with_its_question(store):
+    """A model can write NUL (byte-level tokenizers decode any byte): PostgreSQL used to refuse the reply's row."""
+    from app.chat import ChatApp, new_session
+    from app.fakes import FakeBackend, FakeStream
+
+    class NulBackend(FakeBackend):
+        def chat(self, image, history, message, settings):
+            super().chat(image, history, message, settings)
+            return FakeStream(["a\x00", "b"], 0.0)
+
+    app = ChatApp(NulBackend(), store)
+    s = new_session()
+    app.ensure_owner(s, "alice")
+    app.set_image(s, PNG + b"-padding-to-16-bytes", "x.png")
+    for _ in app.send(s, "q"):
+        pass
+    msgs = store.get_conversation("user:alice", s["conversation_id"]).messages
+    assert [(m.role, m.text, m.status) for m in msgs[1:]] == [("user", "q", "done"), ("assistant", "a\ufffdb", "done")]
+    assert not s["save_failed"]
