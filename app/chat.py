@@ -95,7 +95,9 @@ def settings_from_controls(mode=BEAM, temperature=None, top_p=None, max_new_toke
     def num(value, default, cast, lo, hi):
         try:
             value = cast(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
+            return default
+        if value != value:  # NaN slips through min/max (every comparison is false): the model would refuse it
             return default
         return min(max(value, lo), hi)
 

@@ -61,6 +61,10 @@ def test_controls_round_trip_and_clamping():
     assert s["do_sample"] and s["num_beams"] == 1 and s["min_new_tokens"] == 20 and s["temperature"] == 0.7
     s = settings_from_controls(mode=BEAM, num_beams=4, max_new_tokens="nonsense", temperature=-3)
     assert not s["do_sample"] and s["num_beams"] == 4 and s["max_new_tokens"] == 64 and s["temperature"] > 0
+    # NaN and infinity (a JSON client can send them) fall back to the defaults instead of reaching the model
+    s = settings_from_controls(mode=SAMPLING, temperature=float("nan"), top_p=float("nan"), max_new_tokens=float("inf"))
+    assert (s["temperature"], s["top_p"], s["max_new_tokens"]) == (
+        DEFAULT_DECODING["temperature"], DEFAULT_DECODING["top_p"], DEFAULT_DECODING["max_new_tokens"])
 
 
 def test_owner_ids():
