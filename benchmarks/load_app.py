@@ -5,7 +5,8 @@
     python benchmarks/load_app.py --model path/to/checkpoint --precision fp32 --device cpu   # a real model
 
 Every session chats about its own picture with its own secret word, then lists its history. Reported: latency
-of each chat turn (p50/p95, seconds), errors (goal 0) and cross-session leaks (goal 0): a reply that names
+of each chat turn (p50/p95, seconds), errors (goal 0; a turn missing from the saved conversation counts) and
+cross-session leaks (goal 0): a reply that names
 another session's picture or secret, or a history that holds another session's conversation. The server
 listens on 127.0.0.1 only; the queue is bounded (--queue-size, default: room for every session).
 """
@@ -91,6 +92,10 @@ def run_session(i: int, url: str, path: Path, turns: int, fake: bool, results: d
             foreign = [w for w in text.split('"') if w.startswith("secret") and not w.startswith(secret)]
             if foreign:
                 leaks.append(f"history holds another session's text: {foreign[:2]}")
+            # Every turn persisted: each question and its finished answer, in order.
+            saved = [(m["role"], m["status"]) for m in data.get("messages", []) if m["role"] != "system"]
+            if saved != [("user", "done"), ("assistant", "done")] * turns:
+                errors.append(f"conversation saved as {saved}, expected {turns} question/answer pairs")
     except Exception as exc:  # noqa: BLE001 - counted, reported
         errors.append(f"{type(exc).__name__}: {exc}")
     with lock:
