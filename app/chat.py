@@ -21,40 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.backend import Backend, BadImage, HistoryTurn
-from app.icons import glyph, replace_emoji
-
+from app.decoding import DEFAULT_DECODING, varied_settings
 from app.store import NotFound, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-# Mirrors blip2.Decoding's defaults (app/ must not import blip2; tests/test_app_handlers.py checks they agree).
-DEFAULT_DECODING = dict(
-    max_new_tokens=64, min_new_tokens=0, num_beams=1, length_penalty=1.0, do_sample=False, temperature=1.0,
-    top_p=0.9, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=3, seed=None,
-)
-# The decoding panel's controls, in order (ui.py builds one control per name).
-CONTROL_NAMES = ("mode", "temperature", "top_p", "max_new_tokens", "min_new_tokens", "length_penalty",
-                 "repetition_penalty", "num_beams", "seed")
-MAX_SEED = 2**32 - 1  # blip2 takes up to 2**64 - 1; a number a person can type is plenty
-BEAM, SAMPLING = "Beam search", "Nucleus sampling"
-
-# One click, one prompt. The last five are the kinds of instruction shown in the BLIP-2 paper's Fig. 4.
-PRESETS = {
-    "Short caption": "Write a short caption for this image.",
-    "Detailed description": "Describe this image in detail.",
-    "Explain the image": "Explain what is happening in this image.",
-    "Tell a story": "Tell me a short story about this picture.",
-    "Romantic message": "Write a romantic message that goes along with this photo.",
-    "Ingredients": "What are the ingredients I need to make this?",
-    "History of the place": "Tell me something about the history of this place.",
-}
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # blip2's own limit; Gradio's upload limit is set a little higher (ui.py)
 TITLE_CHARS = 60
 _OWNER_TOKEN = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
 SAVE_FAILED = "⚠️ History could not be saved ({reason}). The chat still works, but this part may be missing later."
 MODEL_FAILED = "The model could not answer this time because of an internal error. Please try again."
-INTERRUPTED = "⚠️ *(interrupted: the app stopped while this reply was being written)*"
 # One message holds a model slot for as long as it takes to read, so its length is capped (app.py:
 # --max-message-chars); the history sent with it is bounded too, so the work per turn does not grow with the chat.
 MAX_MESSAGE_CHARS = 4000
@@ -70,52 +46,6 @@ class UserError(ValueError):
 
 class WrongUser(UserError):
     """A request for a session that another logged-in user started (its session hash leaked)."""
-
-
-# -- settings ---------------------------------------------------------------------------------------------------
-def default_controls() -> dict:
-    """Control values for the decoding panel from the default settings."""
-    return controls_from_settings(DEFAULT_DECODING)
-
-
-def controls_from_settings(settings: dict | None) -> dict:
-    s = {**DEFAULT_DECODING, **(settings or {})}
-    return dict(mode=SAMPLING if s["do_sample"] else BEAM, temperature=s["temperature"], top_p=s["top_p"],
-                max_new_tokens=s["max_new_tokens"], min_new_tokens=s["min_new_tokens"],
-                length_penalty=s["length_penalty"], repetition_penalty=s["repetition_penalty"],
-                num_beams=s["num_beams"], seed=s["seed"])
-
-
-def settings_from_controls(mode=BEAM, temperature=None, top_p=None, max_new_tokens=None, min_new_tokens=None,
-                           length_penalty=None, repetition_penalty=None, num_beams=None, seed=None) -> dict:
-    """Decoding settings for the backend from the panel; out-of-range values are clamped, never an error. An empty
-    seed means a fresh random one for every reply."""
-    d = DEFAULT_DECODING
-
-    def num(value, default, cast, lo, hi):
-        try:
-            value = cast(value)
-        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
-            return default
-        if value != value:  # NaN slips through min/max (every comparison is false): the model would refuse it
-            return default
-        return min(max(value, lo), hi)
-
-    sampling = mode == SAMPLING
-    max_new = num(max_new_tokens, d["max_new_tokens"], int, 1, 1024)
-    return dict(
-        d,
-        do_sample=sampling,
-        temperature=num(temperature, d["temperature"], float, 0.05, 5.0),
-        top_p=num(top_p, d["top_p"], float, 0.01, 1.0),
-        max_new_tokens=max_new,
-        min_new_tokens=num(min_new_tokens, d["min_new_tokens"], int, 0, max_new),
-        length_penalty=num(length_penalty, d["length_penalty"], float, -5.0, 5.0),
-        repetition_penalty=num(repetition_penalty, d["repetition_penalty"], float, 0.5, 5.0),
-        # Sampling streams token by token only with one beam; beam search streams its whole answer at the end.
-        num_beams=1 if sampling else num(num_beams, d["num_beams"], int, 1, 10),
-        seed=None if seed is None or seed == "" else num(seed, None, int, 0, MAX_SEED),
-    )
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
@@ -174,48 +104,6 @@ def owner_for(username: str | None, browser_token: str | None) -> tuple[str, str
 def turn(role: str, text: str, context: int, **extra) -> dict:
     """A chat entry. role: user | assistant | note (image changes, errors, notices: shown, never sent to the model)."""
     return dict(role=role, text=text, context=context, **extra)
-
-
-def chat_messages(session: dict, picture=None) -> list[dict]:
-    """The Chatbot's value (messages format). ``picture(turn)`` gives a file to show for a picture change (the
-    user's message, as a thumbnail) or None; without it the change is the note alone. The chat's emoji are drawn
-    as SVG (app/icons.py); how a reply ended (stopped, cut at the length limit, regenerated differently) is a tag
-    after its text, never part of the text itself (which is what the model and the history see)."""
-    out = []
-    for t in session["turns"]:
-        if t["role"] == "note":
-            path = picture(t) if picture is not None and t.get("image") else None
-            if path:
-                out.append({"role": "user", "content": {"path": path}})
-            out.append({"role": "assistant", "content": f'<span class="note">{replace_emoji(t["text"])}</span>'})
-        elif t["role"] == "user":
-            out.append({"role": "user", "content": t["text"]})
-        else:
-            out.append({"role": "assistant", "content": _reply_view(t)})
-    return out
-
-
-TYPING = '<span class="typing" aria-label="writing"><i></i><i></i><i></i></span>'
-
-
-def _tag(icon: str, text: str, cls: str) -> str:
-    return f' <span class="tag {cls}">{glyph(icon)} {text}</span>'
-
-
-def _reply_view(t: dict) -> str:
-    text, status = replace_emoji(t["text"]), t.get("status")
-    if status == "streaming":
-        return f"{text} {TYPING}" if text else TYPING
-    if status == "stopped":
-        text += _tag("stop", "*(stopped)*", "stopped")
-    elif status == "interrupted":
-        text = (text + " " + replace_emoji(INTERRUPTED)).strip()
-    if t.get("cut"):
-        text += _tag("cut", f"… *(cut at the length limit of {t['cut']} tokens: raise Max new tokens in "
-                            "Settings for longer answers)*", "cut")
-    if t.get("varied"):
-        text += _tag("refresh", f"*({t['varied']})*", "varied")
-    return text.strip() or "…"
 
 
 def model_history(session: dict, max_turns: int | None = None, max_chars: int | None = None) -> list[HistoryTurn]:
@@ -498,7 +386,7 @@ class ChatApp:
         if settings is not None:
             self._remember_settings(session, settings)
         chosen = session["settings"]
-        varied, why = _varied(chosen)
+        varied, why = varied_settings(chosen)
         self.undo(session)
         start = len(session["turns"])
         session["settings"] = varied  # for this reply only (its generation record shows what was used)
@@ -701,21 +589,6 @@ def _reply_ids(stats, shown: str, status: str) -> list[int] | None:
     if status != "done" or ids is None or stats.text.strip() != shown.strip():
         return None
     return list(ids)
-
-
-def _varied(settings: dict) -> tuple[dict, str | None]:
-    """Settings for a regenerated reply that can differ from the last one, and a note saying how (None: the
-    settings already sample with a fresh random seed every time)."""
-    seed = secrets.randbelow(MAX_SEED + 1)
-    if not settings["do_sample"]:
-        how = "greedy decoding" if settings["num_beams"] == 1 else "beam search"
-        # A moderate temperature: different words, still about the picture.
-        return (dict(settings, do_sample=True, num_beams=1, temperature=min(settings["temperature"], 0.7), seed=seed),
-                f"regenerated by sampling with seed {seed}: {how} would repeat the same answer. "
-                "Your settings are unchanged")
-    if settings.get("seed") is not None:
-        return dict(settings, seed=seed), f"regenerated with seed {seed} instead of your fixed seed"
-    return dict(settings), None
 
 
 def _last_user_index(session: dict) -> int | None:

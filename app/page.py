@@ -29,9 +29,11 @@ from pathlib import Path
 import gradio as gr
 
 from app import icons
-from app.chat import (BEAM, CONTROL_NAMES, MAX_SEED, SAMPLING, ChatApp, UserError, chat_messages,
-                      controls_from_settings, default_controls, owner_for, read_upload, settings_from_controls)
+from app.chat import ChatApp, UserError, owner_for, read_upload
+from app.decoding import (BEAM, CONTROL_NAMES, MAX_SEED, SAMPLING, controls_from_settings, default_controls,
+                          settings_from_controls)
 from app.presets import STYLES, examples_for, presets_for, small_model
+from app.render import chat_messages
 
 CSS_PATH = Path(__file__).with_name("theme.css")
 PHONE_MAX_WIDTH = 768  # Gradio's sidebars cover the whole screen up to this width

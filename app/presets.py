@@ -13,7 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.backend import ModelCard
-from app.chat import BEAM, PRESETS, SAMPLING
+from app.decoding import BEAM, SAMPLING
+
+# One click, one prompt. The last five are the kinds of instruction shown in the BLIP-2 paper's Fig. 4.
+PRESETS = {
+    "Short caption": "Write a short caption for this image.",
+    "Detailed description": "Describe this image in detail.",
+    "Explain the image": "Explain what is happening in this image.",
+    "Tell a story": "Tell me a short story about this picture.",
+    "Romantic message": "Write a romantic message that goes along with this photo.",
+    "Ingredients": "What are the ingredients I need to make this?",
+    "History of the place": "Tell me something about the history of this place.",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ _SMALL_PRESETS = {
     "What colour?": "What colour is the shape?",
     "Is there a circle?": "Is there a circle?",
 }
-# Decoding styles, as values for the settings panel's controls (app.chat.CONTROL_NAMES).
+# Decoding styles, as values for the settings panel's controls (app.decoding.CONTROL_NAMES).
 STYLES = {
     "Precise": dict(mode=BEAM, num_beams=1, repetition_penalty=1.0, length_penalty=1.0),
     "Creative": dict(mode=SAMPLING, temperature=0.9, top_p=0.95, repetition_penalty=1.1, seed=None),

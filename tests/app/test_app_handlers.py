@@ -8,8 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from app.chat import (BEAM, DEFAULT_DECODING, SAMPLING, ChatApp, UserError, WrongUser, chat_messages,
-                      controls_from_settings, model_history, new_session, owner_for, settings_from_controls)
+from app.chat import ChatApp, UserError, WrongUser, model_history, new_session, owner_for
+from app.decoding import BEAM, DEFAULT_DECODING, SAMPLING, controls_from_settings, settings_from_controls
+from app.render import chat_messages
 from app.backend import ReplyStats
 from app.fakes import FakeBackend, MemoryStore
 from app.store import ConversationStore
@@ -641,7 +642,7 @@ EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "assets" 
 
 
 def control_values(**overrides):
-    from app.chat import CONTROL_NAMES, default_controls
+    from app.decoding import CONTROL_NAMES, default_controls
 
     values = {**default_controls(), **overrides}
     return [values[n] for n in CONTROL_NAMES]
@@ -849,7 +850,7 @@ def test_reload_reopens_the_last_conversation(page):
     from types import SimpleNamespace
 
     owner, token = owner_for(None, None)
-    s, ui = session_for(owner), page.new_ui_state()
+    s = session_for(owner)
     page.chat.set_image(s, png(), "x.png")
     drain(page.chat.send(s, "q"))
     cid = s["conversation_id"]
@@ -871,8 +872,8 @@ def test_settings_panel_shows_what_applies_to_the_mode():
     temperature, top_p, seed, beams, length_penalty = ChatPage.visible_controls(BEAM, 1)
     assert not temperature["visible"] and beams["visible"] and not length_penalty["visible"]  # greedy: no penalty
     assert ChatPage.visible_controls(BEAM, 3)[-1]["visible"]
-    precise = dict(zip(__import__("app.chat").chat.CONTROL_NAMES, ChatPage.style("Precise")()))
-    creative = dict(zip(__import__("app.chat").chat.CONTROL_NAMES, ChatPage.style("Creative")()))
+    precise = dict(zip(__import__("app.decoding").decoding.CONTROL_NAMES, ChatPage.style("Precise")()))
+    creative = dict(zip(__import__("app.decoding").decoding.CONTROL_NAMES, ChatPage.style("Creative")()))
     assert precise["mode"] == BEAM and precise["num_beams"] == 1 and creative["mode"] == SAMPLING
 
 

@@ -1,6 +1,5 @@
 """Decoding settings and the reply-only n-gram ban, against an explicit brute-force definition."""
 
-import itertools
 
 import numpy as np
 import pytest
