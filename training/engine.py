@@ -6,6 +6,12 @@ Exact resume rests on two choices:
   a resumed run reads exactly the batches the interrupted run would have read next, with no RNG replay;
 - everything else that carries state (model, optimizer, LR schedule, torch/numpy/python RNGs) is saved by
   ``accelerator.save_state`` into a temporary folder that is renamed into place only when complete.
+
+A streamed dataset (an ``IterableDataset`` such as ``WebDatasetShards``) has no index to start from: ``SampleStream``
+counts what each process consumed and the checkpoint keeps that position instead.
+
+The same loop runs under DDP, FSDP2 and DeepSpeed (``training/accelerate/*.yaml``). Under FSDP the training
+checkpoint is sharded (one file per process) and ``on_checkpoint`` gets the full weights gathered from the shards.
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Sampler
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object, set_seed
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
-from .config import OptimConfig, TrainConfig
+from .config import ConfigError, OptimConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +98,52 @@ class GlobalBatchSampler(Sampler):
 
     def __len__(self):  # infinite; DataLoader needs a length only for len(loader)
         return 2**62
+
+
+class SampleStream:
+    """Batches from an ``IterableDataset`` that splits itself across processes (``WebDatasetShards``): data too big
+    for a map-style index, read once per epoch, with a position to resume from.
+
+    This process's stream is its share of epoch 0, then of epoch 1 (``dataset.set_epoch`` reshuffles), and so on;
+    batches are consecutive runs of ``batch_size`` samples, so the batch that straddles an epoch's end takes the next
+    epoch's first samples and nothing is dropped. ``position`` is (epoch, samples of it this process has consumed):
+    saved with each checkpoint and skipped on resume, so a resumed run reads exactly what the interrupted one would
+    have read next. Skipping reads the skipped samples again (a stream has no index). Samples come one at a time
+    from a DataLoader (``batch_size=None``) whose workers each read their own shards; its order is fixed (in-order
+    round robin), which is what makes the skip exact."""
+
+    def __init__(self, dataset, batch_size: int, collate: Callable, num_workers: int = 0,
+                 position: tuple[int, int] = (0, 0)):
+        self.dataset, self.batch_size, self.collate, self.num_workers = dataset, batch_size, collate, num_workers
+        self.epoch, self.index = position
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.index
+
+    def _samples(self) -> Iterator:
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+            count = 0
+            for count, sample in enumerate(loader, start=1):
+                if count > self.index:  # before: consumed before the resume
+                    self.index = count
+                    yield sample
+            if count == 0:
+                raise RuntimeError(f"Process {_rank()} has no samples in epoch {self.epoch}: fewer shards or "
+                                   "samples than processes x DataLoader workers?")
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator:
+        samples = self._samples()
+        while True:
+            yield self.collate([next(samples) for _ in range(self.batch_size)])
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def param_groups(model: torch.nn.Module, cfg: LoopConfig, lr_scale: Callable[[str], float] | None = None) -> list[dict]:
@@ -186,8 +238,11 @@ class _TiedWeightsNotice(logging.Filter):
 logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
-    """accelerate state -> checkpoints/.tmp-step_N -> checkpoints/step_N, then the 'latest' pointer (atomic)."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int,
+                    stream: SampleStream | None = None) -> None:
+    """accelerate state -> checkpoints/.tmp-step_N -> checkpoints/step_N, then the 'latest' pointer (atomic).
+    With a stream, state.json also keeps every process's position in it."""
+    positions = gather_object([stream.position]) if stream is not None else None  # a collective: every process
     root = output_dir / CHECKPOINTS
     name = f"step_{step:08d}"
     tmp = root / f".tmp-{name}"
@@ -198,7 +253,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        state = {"step": step} if positions is None else {"step": step, "stream_positions": positions}
+        (tmp / "state.json").write_text(json.dumps(state))
         final = root / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -215,7 +271,84 @@ def make_accelerator(mixed_precision: str | bool = "no") -> Accelerator:
         mixed_precision = "no"  # YAML reads an unquoted `no` (e.g. train.mixed_precision=no) as false
     # One scheduler step per optimizer step. accelerate's default steps the LR schedule once per process each
     # step (it assumes per-process schedules), which would decay N times faster on N processes.
-    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # accelerate finds no GPU and no ACCELERATE_USE_CPU: every process would train alone on the same folder.
+        raise ConfigError(f"{launched} processes were launched but none joined a process group (no GPU found?). "
+                          "For processes on CPU set ACCELERATE_USE_CPU=true.")
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ConfigError("DeepSpeed runs on GPUs only (accelerate ignores it on CPU, which would silently train "
+                              "with plain DDP): use training/accelerate/fsdp2.yaml or ddp.yaml on CPU.")
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """accelerate (1.15) turns every CPU run into DDP over gloo (MULTI_CPU) and drops the FSDP plugin that
+    ``accelerate launch --config_file training/accelerate/fsdp2.yaml`` asked for. torch's FSDP2 itself runs on CPU
+    over gloo, so switch the state to FSDP: CPU runs (the tests) then take the same sharded prepare / save / load
+    path as GPUs instead of quietly testing DDP."""
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+    if plugin.fsdp_version != 2:
+        raise ConfigError("On CPU only FSDP2 runs (fsdp_version: 2, as in training/accelerate/fsdp2.yaml).")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # accelerate re-creates AcceleratorState internally, copying PartialState's fields over it: both must say FSDP.
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+
+
+def _broadcast_from_main(model: torch.nn.Module, device: torch.device) -> None:
+    """DDP starts every process from process 0's weights; ``fully_shard`` keeps each process's own shard, so a part
+    initialised differently per process (an unseeded layer) would train as a patchwork. Copy process 0's first."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            moved = tensor.data.to(device)  # NCCL broadcasts GPU tensors only
+            torch.distributed.broadcast(moved, src=0)
+            tensor.data.copy_(moved)
+
+
+def _configure_deepspeed(accelerator: Accelerator, cfg: LoopConfig) -> None:
+    """DeepSpeed reads batch size and clipping from its own config; the loop's values must reach it (we never hand
+    accelerate a DataLoader to infer them from). The loop accumulates gradients itself, which DeepSpeed's engine
+    (stepping on every ``backward`` that accelerate marks as synced) does not follow."""
+    if cfg.grad_accum != 1:
+        raise ConfigError("With DeepSpeed use train.grad_accum=1 (raise train.batch_size or the process count).")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["train_batch_size"] = cfg.batch_size * accelerator.num_processes
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.max_grad_norm or 0.0
+
+
+class _FullWeights:
+    """The trained model as an export sees it: its attributes, with the full weights that sharded training (FSDP,
+    DeepSpeed) gathered in place of its shards. Exports read only attributes and ``state_dict()``."""
+
+    def __init__(self, module: torch.nn.Module, state: dict):
+        self._module, self._state = module, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def export_view(accelerator: Accelerator, model: torch.nn.Module):
+    """What ``on_checkpoint`` gets. Call it on every process: gathering sharded weights is a collective."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped  # every process holds the full weights
+    return _FullWeights(unwrapped, accelerator.get_state_dict(model))
 
 
 def fit(
@@ -237,23 +370,38 @@ def fit(
     output_dir.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _broadcast_from_main(model, accelerator.device)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start_step = 0
+    start_step, positions = 0, None
     if resume:
         checkpoint = latest_checkpoint(output_dir)
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s, starting from step 0", output_dir)
         else:
             accelerator.load_state(str(checkpoint))
-            start_step = json.loads((checkpoint / "state.json").read_text())["step"]
+            state = json.loads((checkpoint / "state.json").read_text())
+            start_step, positions = state["step"], state.get("stream_positions")
             accelerator.print(f"Resumed from {checkpoint} at step {start_step}")
 
     micro_per_step = cfg.grad_accum
-    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, accelerator.process_index,
-                                 accelerator.num_processes, cfg.seed, start_batch=start_step * micro_per_step)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
-    batches = iter(loader)
+    stream = None
+    if isinstance(dataset, IterableDataset):
+        if positions is not None and len(positions) != accelerator.num_processes:
+            raise ConfigError(f"The checkpoint streamed data on {len(positions)} processes; resume it on as many "
+                              f"(not {accelerator.num_processes}): each one's position is in its own shards.")
+        if start_step and positions is None:
+            raise ConfigError("The checkpoint has no stream position (it trained on a map-style dataset).")
+        position = tuple(positions[accelerator.process_index]) if positions else (0, 0)
+        stream = SampleStream(dataset, cfg.batch_size, collate, cfg.num_workers, position)
+        batches = iter(stream)
+    else:
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, accelerator.process_index,
+                                     accelerator.num_processes, cfg.seed, start_batch=start_step * micro_per_step)
+        batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers))
     log = MetricsLog(output_dir, start_step, accelerator.is_main_process)
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not accelerator.is_main_process, desc="train",
                dynamic_ncols=True)
@@ -289,9 +437,11 @@ def fit(
             t0, samples = time.perf_counter(), 0
         bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(accelerator, output_dir, done, cfg.keep_checkpoints)
-            if on_checkpoint is not None and accelerator.is_main_process:
-                on_checkpoint(accelerator.unwrap_model(model), done)
+            save_checkpoint(accelerator, output_dir, done, cfg.keep_checkpoints, stream)
+            if on_checkpoint is not None:
+                view = export_view(accelerator, model)
+                if accelerator.is_main_process:
+                    on_checkpoint(view, done)
             accelerator.wait_for_everyone()
     bar.close()
     return last

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils.data import IterableDataset
 
 from blip2.encoders import build_encoder
 
@@ -50,6 +51,9 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
         raise ConfigError("data.cache_features needs data.augment: false (cached features are of un-augmented images).")
     transform = train_transform(getattr(encoder, "image_size", 224)) if d.augment else None
     sources = [build_source(s, transform) for s in d.sources]
+    if any(isinstance(s, IterableDataset) for s in sources) and (len(sources) > 1 or d.cache_features):
+        # The feature cache and ConcatPairs index their items; a stream has no index.
+        raise ConfigError("A shards source streams: make it the only source, with data.cache_features: false.")
     dataset = sources[0] if len(sources) == 1 else ConcatPairs(sources)
     max_len = cfg.qformer.max_text_length
     skipped: Counter = Counter(getattr(dataset, "skipped", {}))
@@ -81,7 +85,8 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
 
     model = build_qformer(cfg.qformer, tokenizer, encoder.feature_dim, cfg.train.seed, cfg.loss)
     encoder.to(accelerator.device)
-    accelerator.print(f"stage 1: {len(train_set)} pairs ({dict(skipped) or 'none'} skipped), "
+    count = "streamed" if isinstance(train_set, IterableDataset) else len(train_set)  # a stream has no length
+    accelerator.print(f"stage 1: {count} pairs ({dict(skipped) or 'none'} skipped), "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable parameters")
 
     def compute_losses(model, batch, micro_step):

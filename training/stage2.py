@@ -66,6 +66,10 @@ def check(cfg: Stage2Config) -> None:
     if cfg.vision_finetune.enabled and cfg.task != "caption":
         raise ConfigError("vision_finetune is for the caption task (paper Table 7); VQA and stage 2 keep the "
                           "image encoder frozen.")
+    if any(source.get("type") == "shards" for source in cfg.data.sources):
+        # Stage 2 draws examples (captions, questions) by index, and its feature cache indexes images.
+        raise ConfigError("Stage 2 reads indexed examples; shards sources stream (stage 1 with "
+                          "data.cache_features: false). Convert the shards to a manifest for stage 2.")
     if not cfg.vision_finetune.enabled and not cfg.data.cache_features:
         raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true).")
 

@@ -9,10 +9,12 @@ from .easyvqa import EasyVQA
 from .manifest import ManifestDataset
 from .scenes import Scenes
 from .tuxpaint import TuxPaintStamps
+from .webdataset import WebDatasetShards
 
 
 def build_source(spec: dict, transform=None):
-    """One dataset from a config entry such as ``{"type": "scenes", "n": 100, "seed": 0}``."""
+    """One dataset from a config entry such as ``{"type": "scenes", "n": 100, "seed": 0}``. ``shards`` is the one
+    streamed source (an ``IterableDataset``); build it after the process group exists, it splits itself by rank."""
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "scenes":
@@ -24,7 +26,13 @@ def build_source(spec: dict, transform=None):
                               **{k: v for k, v in spec.items() if k in ("root", "test_fraction", "seed", "split_by")})
     if kind == "easyvqa":
         return EasyVQA(spec.get("split", "train"), transform=transform)
-    raise ConfigError(f"Unknown data source type {kind!r}; use scenes, manifest, tuxpaint or easyvqa.")
+    if kind == "shards":
+        # Streamed: each process (and DataLoader worker) reads its own shards, reshuffled every epoch.
+        if "pattern" not in spec:
+            raise ConfigError('A shards source needs a pattern, e.g. {type: shards, pattern: "data/{0000..0009}.tar"}.')
+        return WebDatasetShards(spec["pattern"], shuffle=spec.get("shuffle", True), seed=spec.get("seed", 0),
+                                transform=transform)
+    raise ConfigError(f"Unknown data source type {kind!r}; use scenes, manifest, tuxpaint, easyvqa or shards.")
 
 
 def parse_data_arg(text: str) -> dict:

@@ -1,0 +1,112 @@
+"""The shipped accelerate configs, and stage 2 under FSDP2 on 2 CPU processes (gloo): the same losses as 1 process
+with the same global batch, sharded training checkpoints that resume exactly after kill -9, and an export that
+blip2 loads."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny_text_llm
+from test_stage2 import env, losses, stage1_tiny, train  # noqa: F401  (stage1_tiny is a fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "training" / "accelerate"
+
+
+def test_shipped_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {path.stem: load_config_from_file(str(path)) for path in sorted(CONFIGS.glob("*.yaml"))}
+    assert set(kinds) == {"ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"}
+    assert kinds["ddp"].distributed_type == "MULTI_GPU"
+    assert kinds["fsdp2"].distributed_type == "FSDP" and kinds["fsdp2"].fsdp_config["fsdp_version"] == 2
+    for stage in (2, 3):
+        config = kinds[f"deepspeed_zero{stage}"]
+        assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == stage
+    # ZeRO-3 can only export full weights if it gathers them at save time.
+    assert kinds["deepspeed_zero3"].deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def fsdp_command(*args, processes=2):
+    # --mixed_precision no: the shipped config trains in bf16 on GPUs; fp32 here so 1 and 2 processes compare tightly.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml"),
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "-m", "training",
+            *args]
+
+
+def cpu_env():
+    return {**env(), "ACCELERATE_USE_CPU": "true"}
+
+
+def launch(cmd):
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=cpu_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_resume_after_kill_and_export(stage1_tiny, tmp_path):
+    import blip2
+    from safetensors.torch import load_file
+
+    from training.data import Scenes
+
+    stage1, cache = stage1_tiny
+    llm = build_tiny_text_llm(tmp_path / "llm", "chat")
+    common = ["stage2", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}", f"llm={llm}",
+              f"data.cache_dir={cache}", "train.steps=6", "train.log_every=1", "train.save_every=2", "optim.lr=3e-3",
+              "qformer.dropout=0.0", "export.dtype=float32"]
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    train(*common, f"output_dir={one}")
+    launch(fsdp_command(*common, f"output_dir={two}", "train.batch_size=4"))  # the same global batch of 8
+
+    # FSDP really ran (not DDP): the training checkpoint holds one shard of weights and of AdamW state per process.
+    step = two / "checkpoints" / "step_00000006"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (step / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # Measured: equal in all 6 significant digits metrics.csv keeps. The two runs sum the same float32 gradients in
+    # another order (a reduce-scatter of two half-batch means vs one full-batch sum), ~1e-7 relative per step;
+    # rel 1e-5 leaves room for a last-digit rounding flip, and is far below a wrong batch split (~1e-2).
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    # The export is gathered from the shards: the full weights, as one process trains them (measured max abs
+    # difference 1e-5 after 6 AdamW steps at lr 3e-3).
+    weights_one = load_file(one / "checkpoint" / "trained.safetensors")
+    weights_two = load_file(two / "checkpoint" / "trained.safetensors")
+    assert weights_two.keys() == weights_one.keys()
+    for key, value in weights_one.items():
+        assert weights_two[key].shape == value.shape
+        assert torch.allclose(weights_two[key], value, atol=1e-4), key
+    model = blip2.load(str(two / "checkpoint"), precision="fp32", device="cpu")
+    assert not model.info.untrained and model.num_query_tokens == 8
+    assert isinstance(model.ask(Scenes(1, seed=5)[0]["image"], "How many shapes are there?", max_new_tokens=4), str)
+
+    # kill -9 both processes (and the launcher) right after the step-2 checkpoint, then resume on 2 processes.
+    proc = subprocess.Popen(fsdp_command(*common, f"output_dir={killed}", "train.batch_size=4"), cwd=ROOT,
+                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (latest.exists() and latest.read_text().strip()):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step_00000002"
+    launch(fsdp_command(*common, f"output_dir={killed}", "train.batch_size=4", "--resume"))
+    assert losses(killed) == pytest.approx(losses(two), rel=1e-6)  # the same processes: the same sums
+    resumed = load_file(killed / "checkpoint" / "trained.safetensors")
+    assert all(torch.allclose(resumed[k], weights_two[k], atol=1e-6) for k in weights_two)
+
+
+@pytest.mark.slow
+def test_processes_without_a_process_group_are_refused(tmp_path):
+    """Launched on CPU without ACCELERATE_USE_CPU, accelerate leaves each process alone: N copies of the same run
+    would write one folder. The run says so instead."""
+    result = subprocess.run(fsdp_command("stage2", "--config", "training/configs/stage2_tiny.yaml",
+                                         f"output_dir={tmp_path}"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert result.returncode != 0 and "ACCELERATE_USE_CPU=true" in result.stderr
