@@ -1,8 +1,9 @@
 """Start the BLIP-2 chat app: ``python app.py`` serves the offline default model at http://127.0.0.1:7860.
 
 This file is the only place where the app meets ``blip2`` (and torch): ``Blip2Backend`` adapts a loaded model to
-the small interface in ``app/backend.py``; ``app/`` itself never imports torch. Every option has an environment
-variable (for Hugging Face Spaces and containers); a command-line flag wins over its variable.
+the small interface in ``app/backend.py``; ``app/`` itself never imports torch. With ``--server-url`` the answers
+come from an OpenAI-compatible model server (vLLM; ``app/remote.py``) and neither blip2 nor torch is imported.
+Every option has an environment variable (for Hugging Face Spaces and containers); a flag wins over its variable.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import blip2  # noqa: E402
-from app.backend import BadImage, HistoryTurn, ModelCard, ReplyStats  # noqa: E402
+# blip2 (and with it torch) is imported where a local model is used, never at the top: the --server-url path
+# must start without it.
+from app.backend import BackendUnavailable, BadImage, HistoryTurn, ModelCard, ReplyStats  # noqa: E402
 
 try:  # ZeroGPU Spaces: run generation under spaces.GPU; elsewhere this decorator is a no-op
     import spaces  # type: ignore[import-not-found]
@@ -68,12 +70,16 @@ class Blip2Backend:
                               context_length=model.context_length)
 
     def check_image(self, image: bytes) -> None:
+        import blip2
+
         try:
             blip2.load_image(image)
         except blip2.InvalidImageError as exc:
             raise BadImage(str(exc)) from None
 
     def _start(self, call) -> _Stream:
+        import blip2
+
         try:
             return _Stream(call())
         except blip2.InvalidImageError as exc:
@@ -100,6 +106,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=_env("BLIP2_MODEL", "default"),
                    help='"default", a hub id or a checkpoint folder (env BLIP2_MODEL)')
+    p.add_argument("--server-url", default=_env("BLIP2_SERVER_URL"),
+                   help="answer through an OpenAI-compatible server (vLLM), e.g. http://HOST:8000/v1; no local\n"
+                        "model is loaded (env BLIP2_SERVER_URL; API key, if any, in env BLIP2_SERVER_API_KEY)")
+    p.add_argument("--served-model", default=_env("BLIP2_SERVED_MODEL"),
+                   help="the model name the server serves; default: the first it lists (env BLIP2_SERVED_MODEL)")
+    p.add_argument("--server-timeout", type=float, default=float(_env("BLIP2_SERVER_TIMEOUT", "60")),
+                   help="seconds to wait for the server to connect or send the next part of an answer\n"
+                        "(env BLIP2_SERVER_TIMEOUT)")
     p.add_argument("--precision", default=_env("BLIP2_PRECISION", "auto"),
                    help="fp32 | bf16 | fp16 | int8 | nf4 | auto (env BLIP2_PRECISION)")
     p.add_argument("--device", default=_env("BLIP2_DEVICE", "auto"), help="auto | cpu | cuda | cuda:N (env BLIP2_DEVICE)")
@@ -184,6 +198,34 @@ def browser_secret(data_dir: str | Path) -> str:
         return secret
 
 
+def local_backend(args: argparse.Namespace) -> Blip2Backend:
+    import blip2
+
+    try:
+        model = blip2.load(args.model, precision=args.precision, device=args.device)
+    except blip2.Blip2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"Loaded {model.info.summary()}", flush=True)  # which model, precision and device
+    return Blip2Backend(model)
+
+
+def remote_backend(args: argparse.Namespace):
+    """The model server's backend. A server that is down does not stop the app when the model is named: the header
+    shows it down and each reply says so until it is back. Unnamed, the server must answer to say what it serves."""
+    from app.remote import RemoteBackend
+
+    try:
+        backend = RemoteBackend(args.server_url, args.served_model, timeout=args.server_timeout,
+                                api_key=_env("BLIP2_SERVER_API_KEY"))
+    except (BackendUnavailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    up, line = backend.health()
+    print(f"Answering through {args.server_url} (model {backend.model}; {line})", flush=True)
+    return backend
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     auth = parse_auth(args.auth, args.auth_file)
@@ -191,13 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from app.store import ConversationStore
     from app.ui import build_ui
 
-    try:
-        model = blip2.load(args.model, precision=args.precision, device=args.device)
-    except blip2.Blip2Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    backend = Blip2Backend(model)
-    print(f"Loaded {model.info.summary()}", flush=True)  # which model, precision and device
+    backend = remote_backend(args) if args.server_url else local_backend(args)
     store = ConversationStore(db_url=args.db_url, data_dir=args.data_dir)
     sweeper.start()
     demo = build_ui(backend, store, auth=auth, max_concurrency=args.max_concurrency, queue_size=args.queue_size,

@@ -16,6 +16,11 @@ class BadImage(ValueError):
     """The uploaded file is not a usable image; the message says why, for the chat."""
 
 
+class BackendUnavailable(RuntimeError):
+    """The model cannot answer right now (a model server that is down, unreachable, too slow or failing). The
+    message is a plain sentence shown in the chat as is: unlike an internal error, it tells the user what to do."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What is serving, shown in the UI at all times."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.backend import Backend, BadImage, HistoryTurn
+from app.backend import Backend, BackendUnavailable, BadImage, HistoryTurn
 from app.decoding import DEFAULT_DECODING, varied_settings
 from app.store import NotFound, StoreError, StoreUnavailable
 
@@ -319,6 +319,10 @@ class ChatApp:
         except (ValueError, TypeError) as exc:  # invalid decoding settings, prompt that cannot fit
             status, error = "error", str(exc)
             reply["text"] = f"⚠️ {exc}"
+        except BackendUnavailable as exc:  # a model server down or too slow: its plain message says so
+            log.warning("chat: model unavailable: %s", exc)
+            status, error = "error", str(exc)
+            reply["text"] = f"⚠️ {exc}"
         except Exception as exc:  # noqa: BLE001 - one failed reply must not take the chat down
             # The details go to the log and the saved row; the person chatting gets a plain sentence.
             log.exception("chat: generation failed")
@@ -563,7 +567,7 @@ class ChatApp:
             self.backend.check_image(data)
             stream = (self.backend.caption(data, settings) if question is None
                       else self.backend.chat(data, [], question, settings))
-        except (BadImage, ValueError) as exc:
+        except (BadImage, ValueError, BackendUnavailable) as exc:
             raise UserError(str(exc)) from None
         except Exception:  # noqa: BLE001 - said plainly to the caller; the details go to the log
             log.exception("one-shot: generation failed to start")
@@ -573,6 +577,8 @@ class ChatApp:
             for chunk in chunks:
                 text += chunk
                 yield text
+        except BackendUnavailable as exc:
+            raise UserError(str(exc)) from None
         except Exception:  # noqa: BLE001 - as above
             log.exception("one-shot: generation failed")
             raise UserError(MODEL_FAILED) from None

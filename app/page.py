@@ -38,6 +38,7 @@ from app.render import chat_messages
 CSS_PATH = Path(__file__).with_name("theme.css")
 PHONE_MAX_WIDTH = 768  # Gradio's sidebars cover the whole screen up to this width
 LAST_KEY = "blip2-chat-last-conversation"
+HEALTH_POLL_S = 10  # how often an open page re-reads a model server's health (app/remote.py caches it 5 s)
 
 # Runs once when the page loads: the elapsed-time counter of the status line (counted in the browser, so it moves
 # during beam search too, when the server has nothing to send until the end), and the history sidebar opened on
@@ -100,6 +101,17 @@ class ChatPage:
         self.presets = presets_for(self.card)
         self.card_text = card_text
         self._guard = threading.Lock()  # the per-session queue and flags below change under it (tiny sections)
+
+    # -- model server status ---------------------------------------------------------------------------------
+    @property
+    def has_health(self) -> bool:
+        return callable(getattr(self.chat.backend, "health", None))
+
+    def health_html(self) -> str:
+        """The header's server status: a backend with ``health()`` (a model server) says whether it answers."""
+        up, line = self.chat.backend.health()
+        return (f'<span class="badge health {"up" if up else "down"}" role="status" '
+                f'title="Model server: {html.escape(line)}">{"●" if up else "○"} {html.escape(line)}</span>')
 
     # -- defaults for claim/checked (build_ui passes its own) ---------------------------------------------------
     def _claim(self, session, request):
@@ -517,6 +529,8 @@ class ChatPage:
                 summary = html.escape(self.card.summary)
                 gr.HTML(f'<span class="badge" title="The model answering: {summary}">{summary}</span>',
                         elem_id="model-card")
+                # A model server (app/remote.py) can go down while the page is open: its health shows here.
+                health_box = gr.HTML(self.health_html(), elem_id="server-health") if self.has_health else None
                 user_box = gr.HTML("", elem_id="user-box")
                 new_btn = gr.Button("New chat", elem_id="new-chat", scale=0, min_width=40, size="sm")
                 settings_btn = gr.Button("Settings", elem_id="open-settings", scale=0, min_width=40, size="sm")
@@ -550,6 +564,8 @@ class ChatPage:
         demo.load(self.load, [token, last, session, ui], [token, *view, conv_list, title_box, user_box, *controls],
                   show_progress="hidden", **private)
         demo.load(None, js=PAGE_JS, **private)
+        if health_box is not None:  # polled outside the model queue: a busy server must not hide its own status
+            gr.Timer(HEALTH_POLL_S).tick(self.health_html, None, health_box, show_progress="hidden", **quick)
         history_btn.click(None, js=_toggle_js("history-sidebar"), **private)
         settings_btn.click(None, js=_toggle_js("settings-sidebar"), **private)
 
