@@ -23,7 +23,6 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
@@ -84,17 +83,14 @@ def _plain(text: str) -> str:
 
 class ChatPage:
     """The page's handlers. ``claim(session, request)`` checks who may use a session and returns its owner;
-    ``checked(text)`` returns a message fit to send (both raise ``gr.Error`` to refuse); ``image_dir`` holds the
-    thumbnails the chat shows, ``files_root`` the exports."""
+    ``checked(text)`` returns a message fit to send (both raise ``gr.Error`` to refuse; build_ui's API endpoints
+    use them too); ``image_dir`` holds the thumbnails the chat shows, ``files_root`` the exports."""
 
     def __init__(self, chat: ChatApp, *, image_dir: Path, files_root: Path,
-                 claim: Callable | None = None, checked: Callable | None = None, examples_dir: Path | None = None,
-                 card_text: str = ""):
+                 examples_dir: Path | None = None, card_text: str = ""):
         self.chat = chat
         self.card = chat.backend.card
         self.image_dir, self.files_root = Path(image_dir), Path(files_root)
-        self.claim = claim or self._claim
-        self.checked = checked or self._checked
         self.examples = examples_for(self.card, examples_dir)
         if self.examples:  # served from where they are: copies in the upload folder would be swept (app/uploads.py)
             gr.set_static_paths([p for _, p in self.examples])
@@ -113,14 +109,16 @@ class ChatPage:
         return (f'<span class="badge health {"up" if up else "down"}" role="status" '
                 f'title="Model server: {html.escape(line)}">{"●" if up else "○"} {html.escape(line)}</span>')
 
-    # -- defaults for claim/checked (build_ui passes its own) ---------------------------------------------------
-    def _claim(self, session, request):
+    # -- who may use a session, and what may be sent -------------------------------------------------------------
+    def claim(self, session: dict, request) -> str:
+        """The session's owner; a request from another user than the session's gets an error toast and changes
+        nothing (see chat.claim_session)."""
         try:
-            return self.chat.ensure_owner(session, _username(request))
+            return self.chat.ensure_owner(session, username(request))
         except UserError as exc:
             raise gr.Error(str(exc)) from None
 
-    def _checked(self, text):
+    def checked(self, text) -> str:
         try:
             return self.chat.check_message(text)
         except UserError as exc:
@@ -343,7 +341,7 @@ class ChatPage:
     def load(self, request: gr.Request, token, last, session, ui):
         """Page load: who this is, their conversations, and the one they had open last (reopened)."""
         self.claim(session, request)
-        session["owner"], token = owner_for(_username(request), token)
+        session["owner"], token = owner_for(username(request), token)
         if last and not session["turns"]:
             try:
                 self.chat.open_conversation(session, last)
@@ -351,7 +349,7 @@ class ChatPage:
                 pass
         controls = controls_from_settings(session["settings"])
         return (token, *self.view(session, ui), self.conv_update(session), self.title_of(session),
-                _user_html(_username(request)), *[controls[n] for n in CONTROL_NAMES])
+                _user_html(username(request)), *[controls[n] for n in CONTROL_NAMES])
 
     def undo(self, request: gr.Request, session, ui):
         self.claim(session, request)
@@ -641,15 +639,15 @@ def _new_session() -> dict:
     return new_session()
 
 
-def _username(request) -> str | None:
+def username(request) -> str | None:
     return getattr(request, "username", None) or None
 
 
-def _user_html(username: str | None) -> str:
+def _user_html(name: str | None) -> str:
     """The header's account corner when logging in is on: who is signed in, and a way out (Gradio's /logout)."""
-    if not username:
+    if not name:
         return ""
-    return (f'<span class="user">{icons.svg("user")} {html.escape(username)}</span> '
+    return (f'<span class="user">{icons.svg("user")} {html.escape(name)}</span> '
             f'<a class="logout" href="logout">{icons.svg("logout")} Log out</a>')
 
 

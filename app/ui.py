@@ -70,22 +70,10 @@ def build_ui(backend: Backend, store=None, *, auth=None, max_concurrency: int = 
     image_dir = Path(tempfile.mkdtemp(prefix="blip2-app-", dir=files_root))  # thumbnails the chat shows
     model_events = dict(concurrency_id="model", concurrency_limit=max_concurrency)
 
-    def username(request: gr.Request | None) -> str | None:
-        return getattr(request, "username", None) or None
-
-    def claim(session: dict, request: gr.Request | None) -> str:
-        """The session's owner; a request from another user than the session's gets an error toast and changes
-        nothing (see chat.claim_session)."""
-        try:
-            return chat.ensure_owner(session, username(request))
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
-
-    def checked(text) -> str:
-        try:
-            return chat.check_message(text)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+    # The page's session and text checks, shared by the API endpoints below.
+    page = ChatPage(chat, image_dir=image_dir, files_root=files_root, examples_dir=examples_dir,
+                    card_text=card_markdown(backend.card))
+    claim, checked = page.claim, page.checked
 
     # -- API-only handlers ------------------------------------------------------------------------------------
     def _bytes(path) -> bytes:
@@ -154,8 +142,6 @@ def build_ui(backend: Backend, store=None, *, auth=None, max_concurrency: int = 
             raise gr.Error(str(exc)) from None
 
     # -- the page (app/page.py) -------------------------------------------------------------------------------
-    page = ChatPage(chat, image_dir=image_dir, files_root=files_root, claim=claim, checked=checked,
-                    examples_dir=examples_dir, card_text=card_markdown(backend.card))
     with Blip2Blocks(title="BLIP-2 chat", analytics_enabled=False, fill_height=True, fill_width=True) as demo:
         session = page.build(demo, model_events=model_events, browser_secret=browser_secret, browser_key=BROWSER_KEY)
         with gr.Column(visible=False):  # the API endpoints' inputs and outputs
