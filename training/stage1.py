@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset
 from blip2.encoders import build_encoder
 
 from .config import ConfigError, Stage1Config, dump_config
-from .data import ConcatPairs, collate_pairs, train_transform
+from .data import ConcatPairs, collate_pairs, replace_broken, train_transform
 from .data.sources import build_source
 from .engine import LoopConfig, fit, make_accelerator
 from .features import cached_dataset, collate_features
@@ -73,14 +73,8 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
         train_set = dataset
 
         def collate(batch):
-            # A broken image is replaced by a copy of a good item of the same batch (same id, so never its own
-            # negative): every process keeps the same batch size, which the cross-process gathers need.
-            good = [item for item in batch if isinstance(item, dict)]
-            if not good:
-                raise RuntimeError("Every image of a batch failed to load; check the data source.")
-            batch = [item if isinstance(item, dict) else good[i % len(good)] for i, item in enumerate(batch)]
+            batch = replace_broken(batch, skipped)
             out = collate_pairs(batch, encoder)
-            skipped.update({"broken_image": len(batch) - len(good)} if len(good) < len(batch) else {})
             return {"pixel_values": out["pixel_values"], "ids": out["ids"], **tokenize(tokenizer, out["texts"], max_len)}
 
     model = build_qformer(cfg.qformer, tokenizer, encoder.feature_dim, cfg.train.seed, cfg.loss)

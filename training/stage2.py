@@ -35,7 +35,7 @@ from blip2.prompts import PromptFormat, default_format
 from . import distributed as dist
 from . import yes_no
 from .config import ConfigError, Stage2Config, dump_config
-from .data import ConcatPairs, train_transform
+from .data import ConcatPairs, replace_broken, train_transform
 from .data.sources import build_source
 from .engine import LoopConfig, fit, make_accelerator
 from .examples import Examples, RawExamples
@@ -117,11 +117,7 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         train_set = RawExamples(ConcatPairs([build_source(s, transform) for s in d.sources]), caption_prompt)
 
         def collate(batch):
-            good = [item for item in batch if isinstance(item, dict)]
-            if not good:
-                raise RuntimeError("Every image of a batch failed to load; check the data source.")
-            skipped.update({"broken_image": len(batch) - len(good)} if len(good) < len(batch) else {})
-            batch = [item if isinstance(item, dict) else good[i % len(good)] for i, item in enumerate(batch)]
+            batch = replace_broken(batch, skipped)
             out = text_batch(batch)
             out["pixel_values"] = encoder.preprocess([b["image"] for b in batch])
             return out

@@ -551,3 +551,14 @@ def test_fine_tuned_encoder_features_get_their_own_cache(tmp_path, lite0, one_th
     torch.testing.assert_close(tuned[0]["image_embeds"], direct, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(pretrained[0]["image_embeds"], direct, rtol=1e-3, atol=1e-3)
     lite0.load_state_dict(pretrained_state)  # the fixture is shared
+
+
+def test_replace_broken_keeps_the_batch_size_and_counts():
+    good_a, good_b = {"id": "a"}, {"id": "b"}
+    skipped = Counter()
+    batch = D.replace_broken([good_a, D.Skipped("broken_image", "x"), good_b, D.Skipped("broken_image", "y")], skipped)
+    assert [item["id"] for item in batch] == ["a", "b", "b", "b"]  # slot i gets good[i % 2]: size kept
+    assert skipped == Counter(broken_image=2)
+    assert D.replace_broken([good_a], skipped) == [good_a] and skipped == Counter(broken_image=2)
+    with pytest.raises(RuntimeError, match="Every image of a batch failed"):
+        D.replace_broken([D.Skipped("broken_image", "x")], Counter())

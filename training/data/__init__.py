@@ -30,7 +30,7 @@ Items marked ``crop_ok=False`` (scenes: a crop could cut a counted shape out) ar
 """
 
 from .augment import PairTransform, has_left_right, swap_left_right, train_transform
-from .collate import collate_pairs
+from .collate import collate_pairs, replace_broken
 from .easyvqa import EasyVQA, EasyVQAQuestions, easy_vqa_facts
 from .manifest import ManifestDataset
 from .pairs import ConcatPairs, PairDataset, Skipped, clean_text, held_out, iter_items
@@ -53,6 +53,7 @@ __all__ = [
     "WebDatasetShards",
     "clean_text",
     "collate_pairs",
+    "replace_broken",
     "easy_vqa_facts",
     "expand_shards",
     "has_left_right",

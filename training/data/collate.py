@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .pairs import Skipped
 
-__all__ = ["collate_pairs"]
+__all__ = ["collate_pairs", "replace_broken"]
 
 
 def collate_pairs(batch: Sequence[dict | Skipped | None], encoder=None) -> dict:
@@ -39,3 +39,15 @@ def collate_pairs(batch: Sequence[dict | Skipped | None], encoder=None) -> dict:
     else:
         out["pixel_values"] = encoder.preprocess(images) if images else None
     return out
+
+
+def replace_broken(batch: Sequence, skipped: Counter) -> list[dict]:
+    """``batch`` with every item that failed to load (a :class:`Skipped` marker) replaced by a copy of a good item
+    of the same batch, counted in ``skipped["broken_image"]``. Every process keeps its batch size, which the
+    cross-process gathers need; a copy has the same id, so ITC/ITM never treat it as its own negative."""
+    good = [item for item in batch if isinstance(item, dict)]
+    if not good:
+        raise RuntimeError("Every image of a batch failed to load; check the data source.")
+    if len(good) < len(batch):
+        skipped.update({"broken_image": len(batch) - len(good)})
+    return [item if isinstance(item, dict) else good[i % len(good)] for i, item in enumerate(batch)]
