@@ -141,6 +141,74 @@ def test_stop_mid_stream_closes_the_stream_and_the_server_goes_on(server):
     assert text.strip() and not reply.cancelled
 
 
+
+class SlowHop:
+    """A TCP hop between the app and the server that passes the server's bytes on slowly (``chunk`` bytes every
+    ``pause`` s) and closes the app's connection, dropping whatever it still holds, when the server's side closes.
+
+    On loopback a killed server's answer is often already in the app's socket buffer, so the app reads it to the
+    end and the kill goes unseen (this test failed that way in CI). Across a real network an answer arrives over
+    time and a server that dies takes the rest of it along; the hop makes that deterministic."""
+
+    def __init__(self, target: str, chunk: int = 1024, pause: float = 0.05):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target)
+        self.target = (parts.hostname, parts.port)
+        self.chunk, self.pause = chunk, pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"{parts.scheme}://127.0.0.1:{self.listener.getsockname()[1]}{parts.path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._copy, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._trickle, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _copy(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def _trickle(self, upstream, client) -> None:
+        import socket
+
+        held, closed = bytearray(), threading.Event()
+
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                while data := upstream.recv(65536):
+                    held.extend(data)
+            closed.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while not (closed.is_set() and not held):
+                if closed.is_set():  # the server went away with part of its answer undelivered: drop the rest
+                    break
+                if held:
+                    piece = bytes(held[: self.chunk])
+                    del held[: len(piece)]
+                    client.sendall(piece)
+                time.sleep(self.pause)
+        # shutdown, not just close: the other thread's recv on this socket would keep it open, unseen by the app.
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        client.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 def reply_text(session) -> str:
     return session["turns"][-1]["text"]
 
@@ -149,7 +217,8 @@ def test_server_killed_mid_answer_keeps_the_users_turn(server):
     """Last in the module: it kills the shared server."""
     store = MemoryStore()
     backend = RemoteBackend(server.url, SERVED_NAME, timeout=10)
-    app = ChatApp(backend, store)
+    hop = SlowHop(server.url)  # this session's answer arrives over seconds, as across a network
+    app = ChatApp(RemoteBackend(hop.url, SERVED_NAME, timeout=10), store)
     s = new_session()
     s["owner"] = "anon:alice-xxxxxxxxxxxxxxxxxxxxxx"
     assert app.set_image(s, png(0), "p.png")
@@ -179,3 +248,4 @@ def test_server_killed_mid_answer_keeps_the_users_turn(server):
     assert backend.health() == (False, "server down")
     with pytest.raises(BackendUnavailable, match="cannot be reached"):
         answer(backend, png(0), [], "anyone there?")
+    hop.close()
