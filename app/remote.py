@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps
 
 from app.backend import BackendUnavailable, BadImage, HistoryTurn, ModelCard, ReplyStats
@@ -113,6 +114,7 @@ def image_data_url(image: bytes) -> str:
         data, mime = image, ALLOWED_FORMATS[fmt]
     else:
         img = ImageOps.exif_transpose(img)
+        img = _eight_bit(img)
         if img.mode in ("RGBA", "LA", "PA", "P") and ("transparency" in img.info or img.mode.endswith("A")):
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -124,6 +126,18 @@ def image_data_url(image: bytes) -> str:
         img.save(buf, "PNG")
         data, mime = buf.getvalue(), "image/png"
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale scaled to 8 bit as blip2.images does (v / 257 rounded; F clipped to 0..255):
+    Pillow's own convert("RGB") clips 16-bit samples at 255, which would send a mostly white picture."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        samples = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((samples + 128) // 257).astype(np.uint8))
+    if img.mode == "F":
+        samples = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(samples, 0, 255)).astype(np.uint8))
+    return img
 
 
 class RemoteStream:

@@ -1,6 +1,8 @@
-"""A launched app driven through gradio_client: the tiny real model (conftest's ``our_checkpoint``) behind
-``app.py``'s Blip2Backend for the endpoints and bad uploads; the fake backend where timing must be controlled
-(stop/cancel, a full queue)."""
+"""A launched app driven through gradio_client. The endpoints and bad uploads run twice (``real_app``'s params): on
+the tiny real model (conftest's ``our_checkpoint``) behind ``app.py``'s Blip2Backend, and on a real vLLM serving a
+tiny official BLIP-2 OPT checkpoint behind app/remote.py's RemoteBackend (``python app.py --server-url``; one server
+for the module, skipped without ``.venv-vllm``, as tests/serving/ is). The fake backend where timing must be
+controlled (stop/cancel, a full queue)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.fakes import FakeBackend, MemoryStore
+from app.remote import RemoteBackend
 from app.store import ConversationStore
 from app.ui import build_ui
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "serving"))  # the serving tests' helpers, as benchmarks/bench_serving.py
+from vllm_server import NO_VLLM, SERVED_NAME, VLLM_PYTHON, build_servable, running  # noqa: E402
 
 
 def load_app_module():
@@ -49,17 +54,35 @@ def launch(demo):
 
 
 @pytest.fixture(scope="module")
-def real_app(our_checkpoint, tmp_path_factory):
-    import blip2
+def vllm(tmp_path_factory):
+    """A real vLLM (CPU) serving a tiny official BLIP-2 OPT checkpoint, once for the module."""
+    checkpoint = build_servable(tmp_path_factory.mktemp("blip2-opt-servable"))
+    with running(checkpoint, tmp_path_factory.mktemp("vllm")) as server:
+        yield server
 
-    module = load_app_module()
-    backend = module.Blip2Backend(blip2.load(str(our_checkpoint), precision="fp32", device="cpu"))
+
+# "vllm" is marked as tests/serving/ is (slow) and skipped where that venv is missing; pytest runs every "local" test
+# before the first "vllm" one (a module-scoped param), so the server starts once.
+@pytest.fixture(scope="module", params=["local", pytest.param("vllm", marks=[
+    pytest.mark.slow, pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=NO_VLLM)])])
+def real_app(request, tmp_path_factory):
+    """(url, demo) of a launched app on a real model: in-process ("local", ``python app.py --model``) or through a
+    model server ("vllm", ``python app.py --server-url URL --served-model NAME``)."""
+    if request.param == "local":
+        import blip2
+
+        model = blip2.load(str(request.getfixturevalue("our_checkpoint")), precision="fp32", device="cpu")
+        backend = load_app_module().Blip2Backend(model)
+    else:
+        backend = RemoteBackend(request.getfixturevalue("vllm").url, SERVED_NAME, timeout=60)
     store = ConversationStore(data_dir=tmp_path_factory.mktemp("app-data"))
     demo = build_ui(backend, store, max_concurrency=1, queue_size=16)
     url = launch(demo)
     yield url, demo
     demo.close()
     store.close()
+    if isinstance(backend, RemoteBackend):
+        backend.close()
 
 
 def write(tmp_path, name, data: bytes) -> str:
@@ -88,14 +111,17 @@ def bomb_png(width=30000, height=30000) -> bytes:
             + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
 
 
-def test_blip2_backend_maps_bad_images(real_app):
+def test_backend_maps_bad_images(real_app, request):
     from app.backend import BadImage
 
-    module = load_app_module()
     demo = real_app[1]
     backend = demo.chat_app.backend
-    assert isinstance(backend, module.Blip2Backend)
-    assert backend.card.device == "cpu" and backend.card.precision == "fp32"
+    if request.node.callspec.params["real_app"] == "local":
+        assert isinstance(backend, load_app_module().Blip2Backend)
+        assert backend.card.device == "cpu" and backend.card.precision == "fp32"
+    else:  # a server's card names the server and its model: the device and precision are the server's to choose
+        assert isinstance(backend, RemoteBackend) and backend.model == SERVED_NAME
+        assert backend.card.device.startswith("vLLM at 127.0.0.1:") and backend.card.precision == "server"
     with pytest.raises(BadImage):
         backend.check_image(b"not an image")
     with pytest.raises(BadImage):

@@ -193,6 +193,21 @@ def test_images_are_checked_and_normalised_with_pillow_only():
         image_data_url(tiff.getvalue())
 
 
+def test_a_16_bit_picture_reaches_the_server_as_blip2_would_see_it():
+    import numpy as np
+
+    from blip2.images import load_image  # the reference: what a local model sees
+
+    samples = np.array([[0, 257, 40000, 65535]] * 3, dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(samples).save(buf, "PNG")  # decodes as mode I;16 / I
+    _, data = decode_url(image_data_url(buf.getvalue()))
+    sent = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    expected = np.asarray(load_image(buf.getvalue()))
+    assert np.array_equal(sent, expected)
+    assert sent[0, 2].tolist() == [156, 156, 156]  # 40000 / 257, not clipped to white
+
+
 # -- answers --------------------------------------------------------------------------------------------------------
 def test_streams_a_reply_and_sends_what_vllm_needs(server):
     backend = RemoteBackend(server.url, timeout=5)

@@ -21,7 +21,7 @@ from app.decoding import DEFAULT_DECODING
 from app.fakes import MemoryStore
 from app.remote import RemoteBackend
 from conftest import image
-from vllm_server import MAX_LEN, SERVED_NAME, VLLM_PYTHON, VllmServer, build_servable
+from vllm_server import MAX_LEN, SERVED_NAME, build_servable, running
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm: `bash .ci/vllm.sh` installs vLLM for CPU (CI does)")
-    srv = VllmServer(checkpoint, tmp_path_factory.mktemp("vllm"))
-    try:
-        srv.wait_ready()
+    with running(checkpoint, tmp_path_factory.mktemp("vllm")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ hidden 64 with 2 heads; the vision tower and Q-Former sizes are free and stay ti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from conftest import _spread, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+NO_VLLM = "no .venv-vllm: `bash .ci/vllm.sh` installs vLLM for CPU (CI does)"  # the skip reason
 START_TIMEOUT_S = 300  # measured 30-75 s on 2 cores; a loaded CI machine gets room
 SERVED_NAME = "tiny-blip2-opt"
 # Room for long answers: the tiny model writes ~600 tokens/s, and a test that stops or kills the server mid-answer
@@ -137,3 +139,18 @@ class VllmServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
         self._log.close()
+
+
+@contextlib.contextmanager
+def running(checkpoint: Path, workdir: Path):
+    """A ready :class:`VllmServer` on ``checkpoint``, stopped on leaving (unless a test killed it first): the body of
+    the module-scoped server fixtures (tests/serving/test_vllm.py, tests/app/test_app_api.py). Skips the test when
+    ``.venv-vllm`` is missing."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(NO_VLLM)
+    server = VllmServer(checkpoint, workdir)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
