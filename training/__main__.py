@@ -1,4 +1,4 @@
-"""``python -m training <command>``: stage1 | stage2 | finetune | eval | eval-retrieval.
+"""``python -m training <command>``: fetch-data | stage1 | stage2 | finetune | eval | eval-retrieval.
 
     python -m training stage1 --config training/configs/stage1_tiny.yaml [key=value ...] [--resume]
     python -m training stage2 --config training/configs/stage2_tiny.yaml   # starts from runs/stage1_tiny/stage1
@@ -19,6 +19,10 @@ from .config import ConfigError, Stage1Config, Stage2Config, load_config
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="command", required=True)
+    fd = sub.add_parser("fetch-data", help="download the emoji data sets from the npm registry into the data cache")
+    fd.add_argument("sources", nargs="*", help="which (default: all): emoji-google, emoji-twitter, openmoji")
+    fd.add_argument("--cache", help="data cache folder (default: $BLIP2_DATA_CACHE or ~/.cache/blip2/data)")
+    fd.add_argument("--force", action="store_true", help="download again even if already in the cache")
     s1 = sub.add_parser("stage1", help="Q-Former representation learning (ITC + ITM + ITG)")
     s1.add_argument("--config", help="YAML config (see training/configs/)")
     s1.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
@@ -31,9 +35,10 @@ def main(argv=None) -> int:
         p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. init_from=DIR output_dir=runs/x")
     eva = sub.add_parser("eval", help="evaluate a checkpoint: caption (BLEU-4, CIDEr) | vqa (VQA accuracy) | retrieval")
-    eva.add_argument("--task", required=True, choices=("caption", "vqa", "retrieval"))
+    eva.add_argument("--task", required=True, choices=("caption", "vqa", "naming", "chat", "retrieval"))
     eva.add_argument("--checkpoint", required=True, help="blip2 checkpoint (caption, vqa) or stage-1 folder (retrieval)")
-    eva.add_argument("--data", required=True, help="easyvqa:test | scenes:N[:SEED] | tuxpaint:test | manifest path")
+    eva.add_argument("--data", required=True, help="easyvqa:test | scenes:N[:SEED] | tuxpaint:test[:concept] | "
+                     "emoji:test | photos | manifest path")
     eva.add_argument("--output", help="folder for the results JSON (default: runs/eval/<run name>)")
     eva.add_argument("--limit", type=int, help="evaluate only the first N examples (smoke runs)")
     eva.add_argument("--skip", type=int, default=0,
@@ -55,7 +60,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
     try:
-        if args.command == "stage1":
+        if args.command == "fetch-data":
+            from pathlib import Path
+
+            from .data.fetch import fetch
+
+            try:
+                fetch(args.sources or None, Path(args.cache) if args.cache else None, force=args.force)
+            except ValueError as exc:  # an unknown source name
+                raise ConfigError(str(exc)) from exc
+        elif args.command == "stage1":
             from .stage1 import run
 
             run(load_config(args.config, args.overrides, Stage1Config), resume=args.resume)

@@ -27,6 +27,10 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_loads(path):
     config = load_config(path, [], config_class(path))
     assert config.output_dir.startswith("runs/")  # outputs never land in the source tree or assets/
+    # Evaluation-only data never trains: the sample photos, and the test split of a held-out-by-concept source.
+    for source in config.data.sources:
+        assert source["type"] != "photos"
+        assert source.get("split", "train") == "train" or source["type"] not in ("emoji", "tuxpaint", "easyvqa")
 
 
 def test_no_two_shipped_configs_write_to_the_same_folder():

@@ -112,3 +112,95 @@ def test_results_go_to_runs_eval_never_into_the_checkpoint_or_assets(tmp_path, m
     assert results_dir("runs/stage1_tiny/stage1") == Path("runs/eval/stage1_tiny")
     assert results_dir("assets/default") == Path("runs/eval/default")
     assert results_dir(tmp_path / "elsewhere" / "my_model") == Path("runs/eval/my_model")
+
+
+class Namer:
+    """Replies from a table keyed by (picture, message), and records the history each chat turn received."""
+
+    def __init__(self, replies):
+        self.replies, self.histories = replies, []
+
+    def ask(self, image, question, **decoding):
+        return self.chat(image, [], question)
+
+    def chat(self, image, history, message, **decoding):
+        self.histories.append(list(history))
+        return self.replies.get((image.info.get("name"), message), "I do not know.")
+
+    def caption(self, image, **decoding):
+        return self.replies.get((image.info.get("name"), "caption"), "")
+
+
+def _named_picture(name, colour, accepted, source):
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), colour)
+    image.info["name"] = name
+    return {"image": image, "image_id": name, "source": source, "concept": name, "accepted": accepted}
+
+
+def test_naming_scores_per_source_against_accepted_words():
+    from training.evaluate import NAMING_QUESTION, evaluate_naming
+
+    pictures = [_named_picture("cat", "white", ["cat", "kitten"], "emoji-google"),
+                _named_picture("rocket", "white", ["rocket"], "emoji-google"),
+                _named_picture("cup", "white", ["cup", "coffee"], "photos")]
+    model = Namer({("cat", NAMING_QUESTION): "Two kittens.", ("rocket", NAMING_QUESTION): "A rocketship.",
+                   ("cup", NAMING_QUESTION): "A cup of coffee.", ("cup", "caption"): "A white plate."})
+    result = evaluate_naming(model, pictures, {})
+    # "rocketship" is not the word "rocket": whole words only.
+    assert result["by_source"]["emoji-google"] == {"accuracy": 50.0, "correct": 1, "count": 2}
+    assert result["by_source"]["photos"]["correct"] == 1 and result["by_source"]["photos (caption)"]["correct"] == 0
+    assert result["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_chat_is_scored_turn_by_turn_with_the_history_passed_on():
+    from training.evaluate import NAMING_QUESTION, evaluate_chat
+
+    pictures = [_named_picture("apple", (220, 30, 30), ["apple"], "emoji-google"),
+                _named_picture("tree", (40, 170, 60), ["tree"], "emoji-google")]
+    model = Namer({("apple", NAMING_QUESTION): "An apple.", ("apple", "What colour is it?"): "It is red.",
+                   ("apple", "Is there an apple in the picture?"): "Yes.",
+                   ("tree", NAMING_QUESTION): "A bush.", ("tree", "What colour is it?"): "Green.",
+                   ("tree", "Is there an apple in the picture?"): "Yes, there is."})
+    result = evaluate_chat(model, pictures, {})
+    turns = result["by_turn"]
+    assert turns["name"]["correct"] == 1 and turns["colour"]["correct"] == 2
+    # The first picture is asked about its own name (yes), the second about the other's (no): "Yes" there is wrong.
+    assert turns["is there (answer yes)"]["correct"] == 1 and turns["is there (answer no)"]["correct"] == 0
+    assert model.histories[:3] == [[], [(NAMING_QUESTION, "An apple.")],
+                                   [(NAMING_QUESTION, "An apple."), ("What colour is it?", "It is red.")]]
+
+
+def test_naming_and_chat_cli_on_photos(our_checkpoint, tmp_path):
+    pytest.importorskip("skimage")
+    for task in ("naming", "chat"):
+        result = subprocess.run(
+            [sys.executable, "-m", "training", "eval", "--task", task, "--checkpoint", str(our_checkpoint),
+             "--data", "photos", "--limit", "2", "--protocol", "greedy", "--output", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        data = json.loads((tmp_path / f"eval_{task}_photos.json").read_text())
+        assert data["count"] == 2 and data["protocol"] == "greedy"
+    naming = json.loads((tmp_path / "eval_naming_photos.json").read_text())
+    assert [s["image_id"] for s in naming["samples"]] == ["photos/astronaut", "photos/chelsea"]
+    assert all("caption" in s for s in naming["samples"])
+
+
+def test_sample_table_marks_whether_the_object_is_named():
+    from PIL import Image
+
+    from training.samples import markdown, rows
+
+    class Replies:
+        def caption(self, image, **decoding):
+            return "A cat on a sofa."
+
+        def ask(self, image, question, **decoding):
+            return {"What is in this picture?": "A dog.", "What colour is it?": "Brown."}[question]
+
+    image = Image.new("RGB", (8, 8))
+    table = rows(Replies(), [("chelsea", image, ["cat", "kitten"]), ("drawing.jpg", image, None)])
+    text = markdown(table).splitlines()
+    assert text[2] == "| `chelsea` | A cat on a sofa. | A dog. | Brown. | ✓ / ✗ |"
+    assert text[3].endswith("| – |")

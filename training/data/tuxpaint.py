@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from blip2.images import InvalidImageError, load_image
 
+from .concepts import Concept
 from .pairs import PairDataset, clean_text, held_out
 
 __all__ = ["TUXPAINT_STAMPS", "TuxPaintStamps", "stamp_caption"]
@@ -81,8 +82,8 @@ class TuxPaintStamps(PairDataset):
                  transform: Callable | None = None, svg_size: int = 512, split_by: str = "path"):
         super().__init__(transform)
         _check_split(split)
-        if split_by not in ("path", "caption"):
-            raise ValueError("split_by must be 'path' or 'caption'")
+        if split_by not in ("path", "caption", "concept"):
+            raise ValueError("split_by must be 'path', 'caption' or 'concept'")
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"No Tux Paint stamps at {root}; install them with `apt-get install tuxpaint-stamps-default`."
@@ -115,9 +116,20 @@ class TuxPaintStamps(PairDataset):
                 except OSError:
                     pass
             # Uncaptioned stamps fall back to the path, so each skip is counted in exactly one split.
-            split_key = caption.lower() if split_by == "caption" and caption else key
-            if not self._in_split(split_key, test_fraction, seed):
-                continue
+            extra = {}
+            if split_by == "concept":
+                # Held out with every other picture of the same concept words (training.data.concepts); a stamp
+                # whose caption names no concept ("Because a brain is ...") is used nowhere.
+                concept = Concept(caption)
+                where = concept.split() if caption else "excluded"
+                if where == "excluded" or (self.split != "all" and where != self.split):
+                    continue
+                extra = {"concept": caption.rstrip("."), "accepted": concept.accepted,
+                         "qa": [("What is in this picture?", caption), ("What is this?", caption)]}
+            else:
+                split_key = caption.lower() if split_by == "caption" and caption else key
+                if not self._in_split(split_key, test_fraction, seed):
+                    continue
             if ".png" in files:
                 image = files[".png"]
             elif svg_ok:
@@ -135,4 +147,4 @@ class TuxPaintStamps(PairDataset):
                         flip_ok = "nomirror" not in fh.read().split()
                 except OSError:
                     pass
-            self._add(image, caption, f"tuxpaint/{key}", source=self.source, flip_ok=flip_ok)
+            self._add(image, caption, f"tuxpaint/{key}", source=self.source, flip_ok=flip_ok, **extra)
