@@ -219,8 +219,7 @@ class Stage1QFormer(nn.Module):
         input_ids_all, attention_mask_all = dist.gather(input_ids), dist.gather(attention_mask)
         with torch.no_grad():
             global_i2t = torch.einsum("iqe,je->ijq", image_feats_all, text_feat_all).amax(-1) / self.temp
-            same = ids_all[:, None] == ids_all[None, :]
-            neg_text, neg_image = hard_negatives(global_i2t, same, step)
+            neg_text, neg_image = hard_negatives(global_i2t, not_negatives(ids_all, input_ids_all), step)
             rows = slice(rank * batch, (rank + 1) * batch)
             neg_text, neg_image = neg_text[rows], neg_image[rows]
         itm_images = torch.cat([image_embeds, image_embeds, image_embeds_all[neg_image]])
@@ -238,6 +237,15 @@ class Stage1QFormer(nn.Module):
         )
         itg = dist.global_token_mean(token_sum, (labels != -100).sum())
         return Stage1Losses(itc + itm + itg, itc, itm, itg)
+
+
+def not_negatives(image_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(N, N) True where text j is a right caption of image i: the same image, or the very same caption text
+    (templated captions repeat: "A cat." under two emoji styles, "A red circle." under many easy-vqa images).
+    Drawing such a pair as an ITM negative labels a match "no match", which taught the ITM head noise."""
+    same_image = image_ids[:, None] == image_ids[None, :]
+    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
+    return same_image | same_text
 
 
 def hard_negatives(sim_i2t: torch.Tensor, same_image: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 each query's top k by ITM (paper: k = 128) with score = ITM match logit + ITC similarity, as LAVIS does.
 
 Recall@K counts a query as hit when any correct item is in its top K; items sharing an image id (several captions
-of one picture) are all correct.
+of one picture) are all correct, and so are items of the same concept (emoji: one concept drawn in two styles) or,
+for sources without concepts, with the very same caption text.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ def recall_at(scores: torch.Tensor, correct: torch.Tensor, ks=RECALL_AT) -> dict
     order = scores.argsort(dim=1, descending=True)
     hits = correct.gather(1, order)
     return {f"R@{k}": float(hits[:, :k].any(1).float().mean() * 100) for k in ks}
+
+
+def chance_recall(correct: torch.Tensor, ks=RECALL_AT) -> dict[str, float]:
+    """Expected Recall@K of a random ranking: per query 1 - P(none of its c right items among k of n drawn)."""
+    n = correct.shape[1]
+    c = correct.sum(1).double()
+    out = {}
+    for k in ks:
+        miss = torch.ones_like(c)
+        for j in range(min(k, n)):
+            miss = miss * ((n - c - j).clamp(min=0) / (n - j))
+        out[f"R@{k}"] = float((1 - miss).mean() * 100)
+    return out
 
 
 @torch.no_grad()
@@ -69,7 +83,14 @@ def evaluate(model, tokenizer, encoder, items: list[dict], k: int = 128, batch_s
         for s in range(0, len(texts), batch_size)
     ])  # (T, E)
     itc_i2t = torch.einsum("iqe,te->itq", image_feats, text_feats).amax(-1)  # (I, T)
-    correct = torch.tensor([[image_ids[t] == unique[i] for t in range(len(texts))] for i in range(len(unique))])
+    # Right pairs: the same image, or a caption of the same thing (the same concept where the source names one,
+    # else the very same text): "A cat." under another style of the same emoji is no wrong answer.
+    keys = [it.get("concept") or it["text"] for it in items]
+    keys_of: dict[str, set] = {}
+    for image_id, key in zip(image_ids, keys):
+        keys_of.setdefault(image_id, set()).add(key)
+    correct = torch.tensor([[image_ids[t] == unique[i] or keys[t] in keys_of[unique[i]] for t in range(len(texts))]
+                            for i in range(len(unique))])
 
     def itm_i2t(row, cols):
         logits = model.itm_logits(image_embeds[row:row + 1].expand(len(cols), -1, -1),
@@ -83,7 +104,8 @@ def evaluate(model, tokenizer, encoder, items: list[dict], k: int = 128, batch_s
 
     results = {
         "images": len(unique), "texts": len(texts), "k": k,
-        "chance_R@1": 100.0 / len(unique),
+        "chance_R@1": 100.0 / len(unique),  # one right item per query; "chance" below counts them all
+        "chance": {"image_to_text": chance_recall(correct), "text_to_image": chance_recall(correct.t())},
         "itc": {"image_to_text": recall_at(itc_i2t, correct), "text_to_image": recall_at(itc_i2t.t(), correct.t())},
     }
     results["itc+itm"] = {
@@ -121,5 +143,7 @@ def evaluate_cli(args) -> dict:
     for mode in ("itc", "itc+itm"):
         for direction, recalls in results[mode].items():
             print(f"{mode:8s} {direction:14s} " + "  ".join(f"{k} {v:5.1f}" for k, v in recalls.items()))
-    print(f"chance R@1 {results['chance_R@1']:.2f}; written to {output / name}")
+    for direction, recalls in results["chance"].items():
+        print(f"{'chance':8s} {direction:14s} " + "  ".join(f"{k} {v:5.1f}" for k, v in recalls.items()))
+    print(f"written to {output / name}")
     return results

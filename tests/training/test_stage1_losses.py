@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import Blip2QFormerConfig
 
-from training.qformer import Stage1QFormer, bidirectional_mask, hard_negatives, multimodal_causal_mask
+from training.qformer import (Stage1QFormer, bidirectional_mask, hard_negatives, multimodal_causal_mask,
+                              not_negatives)
 
 VOCAB, CLS, DEC, PAD = 50, 1, 2, 0
 
@@ -158,7 +159,7 @@ def test_itm_matches_explicit_formula():
         losses = model(image_embeds, ids, mask, step=3)
         z, t = model.itc_features(image_embeds, ids, mask)
         sim = torch.einsum("iqe,je->ijq", z, t).amax(-1) / model.temp
-        neg_text, neg_image = hard_negatives(sim, torch.eye(4, dtype=torch.bool), step=3)
+        neg_text, neg_image = hard_negatives(sim, not_negatives(torch.arange(4), ids), step=3)
         b = ids.shape[0]
         terms = []
         for i in range(b):
@@ -183,6 +184,20 @@ def test_hard_negatives_exclude_positives_and_follow_similarity():
         assert not same[torch.arange(4), neg_text].any()
     assert counts[0, 1] > 190 and counts[3, 2] > 190  # the hardest negative dominates
     assert counts[1].gt(20).sum() == 3  # uniform similarity: every negative gets drawn
+
+
+def test_a_caption_identical_to_the_positive_is_never_a_negative():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 0], [5, 6, 8, 0], [9, 9, 9, 9]])  # rows 0 and 1: the same text
+    image_ids = torch.tensor([0, 1, 2, 2])  # rows 2 and 3: the same image
+    blocked = not_negatives(image_ids, ids)
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[0, 1] = expected[1, 0] = expected[2, 3] = expected[3, 2] = True
+    assert torch.equal(blocked, expected)
+    sim = torch.full((4, 4), 0.0)
+    sim[0, 1] = 50.0  # the most similar "negative" of image 0 is its own caption under another image
+    for step in range(50):
+        neg_text, _ = hard_negatives(sim, blocked, step)
+        assert neg_text[0] in (2, 3) and neg_text[1] in (2, 3)
 
 
 def test_one_image_batch_is_a_clear_error():

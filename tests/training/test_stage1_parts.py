@@ -6,7 +6,7 @@ import torch
 from transformers import BertModel
 
 from training.config import MINILM, ConfigError, Stage1Config, load_config
-from training.retrieval import recall_at, rerank
+from training.retrieval import chance_recall, recall_at, rerank
 from training.qformer_init import build_qformer, load_qformer_tokenizer
 from blip2.llm import local_source
 
@@ -27,6 +27,22 @@ def test_bert_init_reproduces_bert_text_encoder():
     assert model.dec_token_id == len(tokenizer) - 1
     layer = model.qformer.encoder.layer[0]
     assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
+
+
+def test_chance_recall_matches_random_rankings():
+    correct = torch.zeros(3, 10, dtype=torch.bool)
+    correct[0, 0] = True
+    correct[1, :2] = True
+    correct[2, :5] = True
+    chance = chance_recall(correct, ks=(1, 5))
+    # Exact: R@1 = mean(c / n); R@5 = mean(1 - C(n-c, 5) / C(n, 5)).
+    from math import comb
+
+    assert chance["R@1"] == pytest.approx(100 * (1 + 2 + 5) / 30)
+    assert chance["R@5"] == pytest.approx(100 * sum(1 - comb(10 - c, 5) / comb(10, 5) for c in (1, 2, 5)) / 3)
+    generator = torch.Generator().manual_seed(0)
+    hits = [recall_at(torch.rand(3, 10, generator=generator), correct, ks=(5,))["R@5"] for _ in range(3000)]
+    assert sum(hits) / len(hits) == pytest.approx(chance["R@5"], abs=1.5)
 
 
 def test_recall_at_definition():
