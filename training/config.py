@@ -204,9 +204,14 @@ class Stage2Config:
     yes_no_aux_weight: float = 0.0
     """vqa, instruction-aware only: weight of an auxiliary loss asking a linear classifier on the mean query output
     for each yes/no question's answer (training only, never exported); see ``training.yes_no``."""
+    naming_aux_weight: float = 0.0
+    """vqa only: weight of an auxiliary loss asking the mean projected query output for the name a naming question's
+    answer gives, among the LLM's embeddings of every training name (training only); see ``training.naming``."""
+    naming_tau: float = 0.05
+    """Temperature of the naming loss's cosine similarities."""
     lm_loss_weight: float = 1.0
-    """0 (with yes_no_aux_weight > 0) skips the LLM and trains only the instruction-aware Q-Former on the yes/no
-    questions: a cheap first phase (~12x faster per example)."""
+    """0 (with yes_no_aux_weight or naming_aux_weight > 0) skips the LLM and trains only the Q-Former and the
+    projection on the auxiliary losses: a cheap first phase (~12x faster per example)."""
     prompt: dict | None = None
     """null: the LLM family's prompt format (blip2.prompts.default_format); else a PromptFormat dict."""
     data: Stage2Data = field(default_factory=Stage2Data)

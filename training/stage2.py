@@ -42,6 +42,7 @@ from .examples import Examples, RawExamples
 from .features import cached_dataset, weights_digest
 from .sampling import repeat_questions, select_questions
 from .stage2_init import build, encoder_spec_of, load_frozen_llm
+from .naming import NameBank, answer_name
 from .stage2_model import LMLoss, qformer_config_dict
 from .text import TextBuilder
 from .vision_finetune import lr_scale_for, make_trainable
@@ -54,15 +55,18 @@ def check(cfg: Stage2Config) -> None:
     """What the types alone cannot say: settings that only fit some tasks, and a run with a loss to train."""
     vqa_only = {"data.repeat_questions": cfg.data.repeat_questions, "data.balance_yes_no": cfg.data.balance_yes_no,
                 "data.only_questions": cfg.data.only_questions, "data.skip_questions": cfg.data.skip_questions,
-                "yes_no_aux_weight": cfg.yes_no_aux_weight}
+                "yes_no_aux_weight": cfg.yes_no_aux_weight, "naming_aux_weight": cfg.naming_aux_weight}
     for key, value in vqa_only.items():
         if value and cfg.task != "vqa":
             raise ConfigError(f"{key} is for the vqa task; this run's task is {cfg.task!r}.")
-    for key in ("yes_no_aux_weight", "lm_loss_weight"):
+    for key in ("yes_no_aux_weight", "naming_aux_weight", "lm_loss_weight"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be a number >= 0, not {getattr(cfg, key)!r}.")
-    if not cfg.lm_loss_weight and not cfg.yes_no_aux_weight:
-        raise ConfigError("lm_loss_weight: 0 leaves no loss to train: set yes_no_aux_weight > 0 too.")
+    if cfg.naming_tau <= 0:
+        raise ConfigError(f"naming_tau must be > 0, not {cfg.naming_tau!r}.")
+    if not cfg.lm_loss_weight and not cfg.yes_no_aux_weight and not cfg.naming_aux_weight:
+        raise ConfigError("lm_loss_weight: 0 leaves no loss to train: set yes_no_aux_weight or naming_aux_weight "
+                          "> 0 too.")
     if cfg.vision_finetune.enabled and cfg.task != "caption":
         raise ConfigError("vision_finetune is for the caption task (paper Table 7); VQA and stage 2 keep the "
                           "image encoder frozen.")
@@ -101,6 +105,7 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
     builder = TextBuilder(tokenizer, prompt_format, image_token_id, model.query_tokens.shape[1],
                           model.is_encoder_decoder, d.max_target_tokens)
     skipped: Counter = Counter()
+    name_bank: NameBank | None = None
 
     def text_batch(batch):
         out = builder.collate([builder.example(b["kind"], b["prompt"], b["target"]) for b in batch])
@@ -108,6 +113,8 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             out["qformer_text"] = model.qformer_text([b["prompt"] for b in batch])
         if model.yes_no_head is not None:
             out["yes_no"] = yes_no.labels(batch)
+        if name_bank is not None:
+            out["names"] = name_bank.labels(batch)
         return out
 
     lr_scale = None
@@ -132,10 +139,15 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         skipped.update(build_skipped)
         encoder = None  # features are cached: free the tower
         train_set = Examples(features, task, caption_prompt, prefix_lm, cfg.train.seed, d.with_captions)
-        if not model.use_lm:  # only the yes/no questions have a loss: draw nothing else
+        if not model.use_lm:  # only the yes/no (and naming) questions have a loss: draw nothing else
             train_set.rows = [row for row in train_set.rows
-                              if yes_no.answer_label(row.kind, row.target) != yes_no.IGNORE]
+                              if (cfg.yes_no_aux_weight and yes_no.answer_label(row.kind, row.target) != yes_no.IGNORE)
+                              or (cfg.naming_aux_weight and answer_name(row.kind, row.prompt, row.target))]
         train_set.rows = select_questions(train_set.rows, d.only_questions, d.skip_questions)
+        if cfg.naming_aux_weight:
+            name_bank = NameBank.of_rows(train_set.rows, tokenizer, language_model.get_input_embeddings())
+            model.set_name_bank(name_bank.vectors, cfg.naming_tau)
+            accelerator.print(f"naming loss over {len(name_bank.names)} names")
         train_set = repeat_questions(train_set, d.repeat_questions, d.balance_yes_no)
         source_count = len(features)
 
@@ -155,13 +167,13 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         embeds = batch["image_embeds"].to(device) if "image_embeds" in batch else None
         out = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                     batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels,
-                    yes_no=batch.get("yes_no"))
-        # Means over every target token (and yes/no question) of the global batch: N processes train exactly like one.
+                    yes_no=batch.get("yes_no"), names=batch.get("names"))
+        # Means over every target token (and yes/no or naming question) of the global batch: N processes train
+        # exactly like one.
         lm = dist.global_token_mean(out.lm_sum, out.lm_count)
-        if out.yes_no_sum is None:
-            return LMLoss(lm)
-        return LMLoss(lm, dist.global_token_mean(out.yes_no_sum, out.yes_no_count), cfg.yes_no_aux_weight,
-                      cfg.lm_loss_weight)
+        yes_no_loss = None if out.yes_no_sum is None else dist.global_token_mean(out.yes_no_sum, out.yes_no_count)
+        naming = None if out.naming_sum is None else dist.global_token_mean(out.naming_sum, out.naming_count)
+        return LMLoss(lm, yes_no_loss, cfg.yes_no_aux_weight, cfg.lm_loss_weight, naming, cfg.naming_aux_weight)
 
     qconfig = qformer_config_dict(model.qformer.config)
 

@@ -12,6 +12,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from blip2.qformer import QFORMER_TEXT_TOKENS, run_qformer
 
 from .config import ConfigError
+from .naming import naming_loss
 from .yes_no import YesNoHead
 
 
@@ -22,6 +23,8 @@ class Stage2Losses(NamedTuple):
     lm_count: torch.Tensor
     yes_no_sum: torch.Tensor | None = None
     yes_no_count: torch.Tensor | None = None
+    naming_sum: torch.Tensor | None = None
+    naming_count: torch.Tensor | None = None
 
 
 class Stage2Model(nn.Module):
@@ -31,7 +34,8 @@ class Stage2Model(nn.Module):
     ``qformer_embeddings`` / ``qformer_tokenizer``: an instruction-aware Q-Former (paper Fig. 7), the prompt's text
     enters it too. ``vision``: an image encoder trained along (captioning, paper Table 7); batches then bring pixels.
     ``yes_no_head``: add the training-only yes/no classifier (``training.yes_no``). ``use_lm=False`` skips the LLM
-    (the LM loss is 0 over 0 tokens): only the yes/no classifier trains the Q-Former."""
+    (the LM loss is 0 over 0 tokens): only the auxiliary losses train the Q-Former. :meth:`set_name_bank` adds
+    the naming loss (``training.naming``; training only, never exported)."""
 
     def __init__(self, query_tokens: nn.Parameter, qformer: Blip2QFormerModel, language_model, image_token_id: int,
                  qformer_embeddings: nn.Module | None = None, qformer_tokenizer=None, image_feature_norm: str = "none",
@@ -56,6 +60,14 @@ class Stage2Model(nn.Module):
                 raise ConfigError("yes_no_aux_weight needs an instruction-aware Q-Former (qformer_text_input=true): "
                                   "without the question the queries cannot know the answer.")
             self.yes_no_head = YesNoHead(qformer.config.hidden_size)
+        self.register_buffer("name_bank", None, persistent=False)
+        self.naming_tau = 0.05
+
+    def set_name_bank(self, vectors: torch.Tensor, tau: float) -> None:
+        """The normalised LLM embeddings of the training names (N, H_llm): a non-persistent buffer, so neither
+        training checkpoints nor the export hold it."""
+        self.name_bank = vectors
+        self.naming_tau = tau
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -78,21 +90,27 @@ class Stage2Model(nn.Module):
         return self.language_projection(self.query_outputs(image_embeds, qformer_text))
 
     def forward(self, image_embeds, input_ids, attention_mask, labels, qformer_text: dict | None = None,
-                pixel_values: torch.Tensor | None = None, yes_no: torch.Tensor | None = None) -> Stage2Losses:
+                pixel_values: torch.Tensor | None = None, yes_no: torch.Tensor | None = None,
+                names: torch.Tensor | None = None) -> Stage2Losses:
         """Summed token cross-entropy over the labelled target tokens, and their count. With a trained image
         encoder pass ``pixel_values`` instead of cached ``image_embeds``. With a yes/no head and ``yes_no`` (per
-        example 0 = no, 1 = yes, -100 = not a yes/no question) also the classifier's loss."""
+        example 0 = no, 1 = yes, -100 = not a yes/no question) also the classifier's loss; with a name bank and
+        ``names`` (per example the name's index or -100) also the naming loss."""
         if pixel_values is not None:
             image_embeds = self.vision(pixel_values)
         query_out = self.query_outputs(image_embeds, qformer_text)
         yes_no_sum = yes_no_count = None
         if self.yes_no_head is not None and yes_no is not None:
             yes_no_sum, yes_no_count = self.yes_no_head.loss(query_out, yes_no)
+        projected = self.language_projection(query_out)
+        naming_sum = naming_count = None
+        if self.name_bank is not None and names is not None:
+            naming_sum, naming_count = naming_loss(projected, names, self.name_bank, self.naming_tau)
         if not self.use_lm:
             zero = query_out.new_zeros(())
-            return Stage2Losses(zero, zero.long(), yes_no_sum, yes_no_count)
+            return Stage2Losses(zero, zero.long(), yes_no_sum, yes_no_count, naming_sum, naming_count)
         text = self.language_model.get_input_embeddings()(input_ids)
-        queries = self.language_projection(query_out).to(text.dtype)
+        queries = projected.to(text.dtype)
         positions = input_ids == self.image_token_id
         if int(positions.sum()) != queries.shape[0] * queries.shape[1]:
             raise ValueError("Every example needs exactly num_query_tokens image positions in its input ids.")
@@ -111,21 +129,31 @@ class Stage2Model(nn.Module):
             targets = targets[keep]
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100, reduction="sum")
-        return Stage2Losses(loss_sum, (targets != -100).sum(), yes_no_sum, yes_no_count)
+        return Stage2Losses(loss_sum, (targets != -100).sum(), yes_no_sum, yes_no_count, naming_sum, naming_count)
 
 
 class LMLoss:
-    """The LM loss (times ``lm_weight``), plus ``aux_weight`` times the yes/no classifier's loss when there is one."""
+    """The LM loss (times ``lm_weight``), plus ``aux_weight`` times the yes/no classifier's loss and
+    ``naming_weight`` times the naming loss when there are those."""
 
     def __init__(self, lm: torch.Tensor, yes_no: torch.Tensor | None = None, aux_weight: float = 0.0,
-                 lm_weight: float = 1.0):
-        self.lm, self.yes_no = lm, yes_no
-        self.loss = lm_weight * lm if yes_no is None else lm_weight * lm + aux_weight * yes_no
+                 lm_weight: float = 1.0, naming: torch.Tensor | None = None, naming_weight: float = 0.0):
+        self.lm, self.yes_no, self.naming = lm, yes_no, naming
+        self.loss = lm_weight * lm
+        if yes_no is not None:
+            self.loss = self.loss + aux_weight * yes_no
+        if naming is not None:
+            self.loss = self.loss + naming_weight * naming
 
     def items(self) -> dict[str, float]:
-        if self.yes_no is None:
+        if self.yes_no is None and self.naming is None:
             return {"loss": float(self.loss.detach())}
-        return {"loss": float(self.loss.detach()), "lm": float(self.lm.detach()), "yes_no": float(self.yes_no.detach())}
+        out = {"loss": float(self.loss.detach()), "lm": float(self.lm.detach())}
+        if self.yes_no is not None:
+            out["yes_no"] = float(self.yes_no.detach())
+        if self.naming is not None:
+            out["naming"] = float(self.naming.detach())
+        return out
 
 
 def qformer_config_dict(config: Blip2QFormerConfig | dict) -> dict:

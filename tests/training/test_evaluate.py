@@ -1,6 +1,7 @@
 """Evaluation: the scoring loop on a stand-in model with known answers, and the CLI on tiny trained checkpoints."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,13 +82,18 @@ def test_eval_cli_rejects_skip_outside_vqa():
 
 
 @pytest.mark.slow
+def run_eval(checkpoint, task: str, data: str, limit: int, output) -> None:
+    """``python -m training eval`` (greedy) as a user runs it; fails the test with its stderr if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "eval", "--task", task, "--checkpoint", str(checkpoint), "--data", data,
+         "--limit", str(limit), "--protocol", "greedy", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_eval_cli_on_a_tiny_checkpoint(our_checkpoint, tmp_path):
     for task in ("vqa", "caption"):
-        result = subprocess.run(
-            [sys.executable, "-m", "training", "eval", "--task", task, "--checkpoint", str(our_checkpoint),
-             "--data", "scenes:3:7", "--limit", "4", "--protocol", "greedy", "--output", str(tmp_path)],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
-        assert result.returncode == 0, result.stderr[-2000:]
+        run_eval(our_checkpoint, task, "scenes:3:7", 4, tmp_path)
         data = json.loads((tmp_path / f"eval_{task}.json").read_text())
         assert data["task"] == task and data["count"] in (3, 4) and data["protocol"] == "greedy"
         if task == "vqa":
@@ -175,11 +181,7 @@ def test_chat_is_scored_turn_by_turn_with_the_history_passed_on():
 def test_naming_and_chat_cli_on_photos(our_checkpoint, tmp_path):
     pytest.importorskip("skimage")
     for task in ("naming", "chat"):
-        result = subprocess.run(
-            [sys.executable, "-m", "training", "eval", "--task", task, "--checkpoint", str(our_checkpoint),
-             "--data", "photos", "--limit", "2", "--protocol", "greedy", "--output", str(tmp_path)],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
-        assert result.returncode == 0, result.stderr[-2000:]
+        run_eval(our_checkpoint, task, "photos", 2, tmp_path)
         data = json.loads((tmp_path / f"eval_{task}_photos.json").read_text())
         assert data["count"] == 2 and data["protocol"] == "greedy"
     naming = json.loads((tmp_path / "eval_naming_photos.json").read_text())

@@ -555,3 +555,47 @@ def test_balance_yes_no_evens_out_answers_per_source_and_polarity():
     no_yes_no = SimpleNamespace(rows=rows[-2:], __len__=lambda: 2)
     with pytest.raises(ConfigError, match="no yes/no questions"):
         repeat_questions(no_yes_no, {}, balance_yes_no=True)
+
+
+def test_naming_loss_is_cross_entropy_over_the_name_embeddings(llm, monkeypatch):
+    """The naming loss: cosine of the mean projected query output with the LLM's embedding of every training name
+    (mean over the name's tokens), over a temperature, cross-entropy on the right name; naming questions only; the
+    LLM is not run with lm_loss_weight 0."""
+    from training.naming import NameBank, answer_name
+
+    kind, _, lm, tok = llm
+    assert answer_name("vqa", "What is this?", "An apple.") == "apple"
+    assert answer_name("vqa", "What is in this picture?", "A dog face.") == "dog face"
+    assert answer_name("vqa", "What colour is the dog?", "brown") is None
+    assert answer_name("caption", "What is this?", "A dog.") is None
+    embeddings = lm.get_input_embeddings()
+    bank = NameBank(["bowl of soup", "cat", "red couch"], tok, embeddings)
+    ids = tok(" bowl of soup", add_special_tokens=False)["input_ids"]
+    expected = torch.nn.functional.normalize(embeddings.weight[ids].float().mean(0), dim=0)
+    assert torch.allclose(bank.vectors[0], expected, atol=1e-6)
+    batch = [{"kind": "vqa", "prompt": "What is this?", "target": "A cat."},
+             {"kind": "vqa", "prompt": "What colour?", "target": "red"},
+             {"kind": "vqa", "prompt": "What is in this picture?", "target": "A red couch."}]
+    labels = bank.labels(batch)
+    assert labels.tolist() == [1, -100, 2]
+    torch.manual_seed(0)
+    model = tiny_model(lm, tok).eval()
+    model.set_name_bank(bank.vectors, tau=0.1)
+    assert "name_bank" not in model.state_dict()  # never saved
+    b = builder_for(kind, tok)
+    text = b.collate([b.example(x["kind"], x["prompt"], x["target"]) for x in batch])
+    image = torch.randn(3, 5, 8)
+    out = model(image, **text, names=labels)
+    pooled = torch.nn.functional.normalize(model.soft_prompt(image).mean(1), dim=-1)
+    logp = torch.log_softmax(pooled @ bank.vectors.t() / 0.1, -1)
+    assert float(out.naming_sum) == pytest.approx(float(-(logp[0, 1] + logp[2, 2])), rel=1e-5)
+    assert int(out.naming_count) == 2
+    no_lm = Stage2Model(model.query_tokens, model.qformer, lm, placeholder_token_id(tok), use_lm=False).eval()
+    no_lm.language_projection = model.language_projection
+    no_lm.set_name_bank(bank.vectors, tau=0.1)
+    monkeypatch.setattr(lm, "forward", None)  # would raise if called
+    skipped = no_lm(image, **text, names=labels)
+    monkeypatch.undo()
+    assert int(skipped.lm_count) == 0 and torch.allclose(skipped.naming_sum, out.naming_sum)
+    with pytest.raises(ValueError, match="two different names"):
+        NameBank(["cat"], tok, embeddings)
