@@ -31,7 +31,7 @@ python -m training eval --task vqa --checkpoint "$final" --data easyvqa:test --p
 for data in emoji:test tuxpaint:test:concept photos; do
     python -m training eval --task naming --checkpoint "$final" --data $data --protocol greedy
 done
-python -m training eval --task chat --checkpoint "$final" --data emoji:test --protocol greedy
+python -m training eval --task chat --checkpoint "$final" --data emoji:test --protocol greedy --limit 100
 python -m training eval-retrieval --checkpoint runs/default/stage1/stage1 --data tuxpaint:test
 rm -rf assets/default.new && cp -r "$final" assets/default.new
 rm -rf assets/default && mv assets/default.new assets/default
