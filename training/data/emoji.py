@@ -78,8 +78,10 @@ class EmojiPictures(PairDataset):
                 if code not in concepts or not entry.get(f"has_img_{style}", False):
                     continue
                 concept, where = concepts[code], splits[code]
-                if where == "excluded" or (split != "all" and where != split):
-                    self.skipped[f"split_{where}"] += where == "excluded"
+                if where == "excluded":  # a synonym of a held-out concept: used nowhere
+                    self.skipped["split_excluded"] += 1
+                    continue
+                if split != "all" and where != split:
                     continue
                 path = folder / "img" / style / "64" / entry["image"]
                 if not path.is_file():
