@@ -32,6 +32,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def load_app_py():
+    """The top-level ``app.py`` as a module (its name ``app`` is taken by the package), loaded once per run."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "blip2_app_main" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("blip2_app_main", Path(__file__).resolve().parents[1] / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["blip2_app_main"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["blip2_app_main"]
+
+
 def make_tokenizer(kind: str):
     """A small BPE tokenizer: 'opt' prepends BOS like OPT's, 't5' appends EOS like T5's, 'chat' adds nothing and
     has a ChatML template like SmolLM2's."""

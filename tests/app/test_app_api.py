@@ -26,20 +26,13 @@ from app.fakes import FakeBackend, MemoryStore
 from app.remote import RemoteBackend
 from app.store import ConversationStore
 from app.ui import build_ui
+from conftest import load_app_py
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "serving"))  # the serving tests' helpers, as benchmarks/bench_serving.py
 from vllm_server import NO_VLLM, SERVED_NAME, VLLM_PYTHON, build_servable, running  # noqa: E402
 
 
-def load_app_module():
-    """``app.py`` (the top-level script; the name ``app`` is the package)."""
-    if "blip2_app_main" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("blip2_app_main", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["blip2_app_main"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["blip2_app_main"]
 
 
 def free_port() -> int:
@@ -72,7 +65,7 @@ def real_app(request, tmp_path_factory):
         import blip2
 
         model = blip2.load(str(request.getfixturevalue("our_checkpoint")), precision="fp32", device="cpu")
-        backend = load_app_module().Blip2Backend(model)
+        backend = load_app_py().Blip2Backend(model)
     else:
         backend = RemoteBackend(request.getfixturevalue("vllm").url, SERVED_NAME, timeout=60)
     store = ConversationStore(data_dir=tmp_path_factory.mktemp("app-data"))
@@ -117,7 +110,7 @@ def test_backend_maps_bad_images(real_app, request):
     demo = real_app[1]
     backend = demo.chat_app.backend
     if request.node.callspec.params["real_app"] == "local":
-        assert isinstance(backend, load_app_module().Blip2Backend)
+        assert isinstance(backend, load_app_py().Blip2Backend)
         assert backend.card.device == "cpu" and backend.card.precision == "fp32"
     else:  # a server's card names the server and its model: the device and precision are the server's to choose
         assert isinstance(backend, RemoteBackend) and backend.model == SERVED_NAME

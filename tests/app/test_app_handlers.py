@@ -14,6 +14,7 @@ from app.render import chat_messages
 from app.backend import ReplyStats
 from app.fakes import FakeBackend, MemoryStore
 from app.store import ConversationStore
+from conftest import load_app_py
 
 
 def png(color="red", size=(8, 8)) -> bytes:
@@ -364,12 +365,7 @@ def test_ui_does_not_import_torch_or_blip2():
 
 
 def test_app_py_options(monkeypatch, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("blip2_app_options", Path(__file__).resolve().parents[2] / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_app_py()
     monkeypatch.setenv("BLIP2_MODEL", "some/folder")
     monkeypatch.setenv("BLIP2_QUEUE_SIZE", "3")
     args = module.parse_args(["--precision", "fp32", "--auth", "a:b"])
@@ -614,13 +610,9 @@ def test_swept_upload_gets_a_message_not_a_crash(app, tmp_path):
 
 
 def test_app_py_points_gradio_at_a_swept_folder_of_its_own(monkeypatch, tmp_path):
-    import importlib.util
     import os
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("blip2_app_uploads", Path(__file__).resolve().parents[2] / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_app_py()
     monkeypatch.setenv("GRADIO_TEMP_DIR", "/somewhere/else")
     monkeypatch.setenv("BLIP2_UPLOAD_TTL_MINUTES", "5")
     args = module.parse_args(["--data-dir", str(tmp_path / "data"), "--upload-max-mb", "10"])

@@ -355,11 +355,11 @@ def test_app_py_server_url_starts_without_torch_or_blip2(server):
 
 
 def test_env_vars_configure_the_server(monkeypatch):
-    from test_app_api import load_app_module
+    from conftest import load_app_py
 
     monkeypatch.setenv("BLIP2_SERVER_URL", "http://h:1/v1")
     monkeypatch.setenv("BLIP2_SERVED_MODEL", "m")
     monkeypatch.setenv("BLIP2_SERVER_TIMEOUT", "7.5")
-    args = load_app_module().parse_args([])
+    args = load_app_py().parse_args([])
     assert (args.server_url, args.served_model, args.server_timeout) == ("http://h:1/v1", "m", 7.5)
-    assert load_app_module().parse_args(["--server-url", "http://x/v1"]).server_url == "http://x/v1"
+    assert load_app_py().parse_args(["--server-url", "http://x/v1"]).server_url == "http://x/v1"

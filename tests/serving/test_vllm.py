@@ -5,14 +5,10 @@ the last test kills it. Skipped without ``.venv-vllm`` (``bash .ci/vllm.sh``; CI
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import sys
 import threading
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from app.backend import BackendUnavailable
@@ -20,7 +16,7 @@ from app.chat import ChatApp, new_session
 from app.decoding import DEFAULT_DECODING
 from app.fakes import MemoryStore
 from app.remote import RemoteBackend
-from conftest import image
+from conftest import image, load_app_py
 from vllm_server import MAX_LEN, SERVED_NAME, build_servable, running
 
 pytestmark = pytest.mark.slow
@@ -30,14 +26,6 @@ LONG = 1900  # new tokens of an answer that is stopped or cut by a kill: ~3 s of
 GREEDY = dict(DEFAULT_DECODING, max_new_tokens=24, no_repeat_ngram_size=0)
 
 
-def load_app_module():
-    """``app.py`` (the top-level script; the name ``app`` is the package), shared with tests/app/test_app_api.py."""
-    if "blip2_app_main" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("blip2_app_main", Path(__file__).parents[2] / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["blip2_app_main"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["blip2_app_main"]
 
 
 def png(seed: int) -> bytes:
@@ -62,7 +50,7 @@ def local(checkpoint):
     """The same folder loaded in-process, behind the app's local backend (app.py's Blip2Backend)."""
     import blip2
 
-    return load_app_module().Blip2Backend(blip2.load(str(checkpoint), precision="fp32", device="cpu"))
+    return load_app_py().Blip2Backend(blip2.load(str(checkpoint), precision="fp32", device="cpu"))
 
 
 def answer(backend, img: bytes, history, message: str, settings=GREEDY):

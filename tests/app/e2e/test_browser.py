@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app.icons import EMOJI_RANGES as EMOJI  # emoji and symbols that need a font of their own
+from conftest import load_app_py
 
 pytestmark = pytest.mark.slow
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -306,16 +307,12 @@ def test_unusable_file_is_a_plain_toast(desktop, tmp_path):
 @pytest.fixture(scope="module")
 def default_model_url(tmp_path_factory):
     """The app as ``python app.py`` serves it: the offline default model (a few seconds to load on a CPU)."""
-    import importlib.util
 
     import blip2
     from app.store import ConversationStore
     from app.ui import build_ui
 
-    spec = importlib.util.spec_from_file_location("blip2_app_e2e", ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    backend = module.Blip2Backend(blip2.load("default", precision="fp32", device="cpu"))
+    backend = load_app_py().Blip2Backend(blip2.load("default", precision="fp32", device="cpu"))
     store = ConversationStore(data_dir=tmp_path_factory.mktemp("e2e-default") / "data")
     demo = build_ui(backend, store, browser_secret="e2e-secret-e2e-secret")
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
