@@ -24,8 +24,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import EasyVQAQuestions, iter_items
-from blip2.images import load_image
-
 from .data.concepts import colour_name, names_object
 from .data.emoji import article
 from .metrics import NEGATION, caption_scores, normalize_vqa_answer, vqa_accuracy
@@ -172,7 +170,7 @@ def evaluate_chat(model, examples: list[dict], decoding: dict) -> dict:
     conversations = []
     start = time.perf_counter()
     for n, ex in enumerate(tqdm(examples, desc="chat", unit="conversation")):
-        image = load_image(ex["image"]) if not hasattr(ex["image"], "size") else ex["image"]
+        image = ex["image"]  # a PIL image (named_examples)
         other = examples[(n + len(examples) // 2) % len(examples)]
         asks_own = n % 2 == 0 or other["concept"] == ex["concept"]
         named = ex["concept"] if asks_own else other["concept"]
