@@ -306,6 +306,38 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     PartialState().distributed_type = DistributedType.FSDP
 
 
+def shard_frozen(model: torch.nn.Module, accelerator: Accelerator) -> tuple[int, int]:
+    """Under FSDP, shard a frozen transformers model that is kept *outside* the trained module (stage 2's LLM) with
+    torch's ``fully_shard`` (FSDP2): one shard group per transformer block (``_no_split_modules``) and one for the
+    rest, each all-gathered just before it runs, forward and backward. It holds no gradients or optimizer state and
+    stays out of training checkpoints and exports, which hold only the trained parts. The input and output word
+    embeddings stay whole on every process (``ignored_params``): the training code looks words up outside the
+    model's forward, and most LLMs tie the two. Returns (weights this process holds, weights of the whole model);
+    without FSDP the model is left as it is and holds them all."""
+    total = sum(p.numel() for p in model.parameters())
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return total, total
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ConfigError(f"{type(model).__name__} names no transformer block class (_no_split_modules): FSDP "
+                          "cannot shard it. Train it with DDP (training/accelerate/ddp.yaml).")
+    words = {p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+             for p in m.parameters()}
+    reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard)
+    # Decoder-only stage 2 calls base_model (the LM head runs on the target positions only); an encoder-decoder is
+    # called whole.
+    fully_shard(model if model.config.is_encoder_decoder else model.base_model, reshard_after_forward=reshard,
+                ignored_params=words)
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return held, total
+
+
 def _broadcast_from_main(model: torch.nn.Module, device: torch.device) -> None:
     """DDP starts every process from process 0's weights; ``fully_shard`` keeps each process's own shard, so a part
     initialised differently per process (an unseeded layer) would train as a patchwork. Copy process 0's first."""

@@ -37,7 +37,7 @@ from . import yes_no
 from .config import ConfigError, Stage2Config, dump_config
 from .data import ConcatPairs, replace_broken, train_transform
 from .data.sources import build_source
-from .engine import LoopConfig, fit, make_accelerator
+from .engine import LoopConfig, fit, make_accelerator, shard_frozen
 from .examples import Examples, RawExamples
 from .features import cached_dataset, weights_digest
 from .sampling import repeat_questions, select_questions
@@ -96,6 +96,10 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
     trained_vision = make_trainable(encoder) if cfg.vision_finetune.enabled else None
     model, init, vision_state = build(cfg, language_model, image_token_id, encoder.feature_dim, trained_vision)
     language_model.to(accelerator.device)
+    held, total = shard_frozen(language_model, accelerator)
+    if held < total:
+        accelerator.print(f"frozen LLM sharded over {accelerator.num_processes} processes: {held:,} of {total:,} "
+                          "weights held per process")
     if vision_state:  # a checkpoint whose image encoder was fine-tuned
         encoder.load_state_dict(vision_state)
     prefix_lm = task == "pretrain" and model.is_encoder_decoder

@@ -3,6 +3,7 @@ with the same global batch, sharded training checkpoints that resume exactly aft
 blip2 loads."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from conftest import build_tiny_text_llm
 from test_stage2 import env, losses, stage1_tiny, train  # noqa: F401  (stage1_tiny is a fixture)
@@ -50,6 +52,25 @@ def launch(cmd):
     return result
 
 
+def sharded_llm_weights(stdout: str) -> tuple[int, int]:
+    match = re.search(r"frozen LLM sharded over 2 processes: ([\d,]+) of ([\d,]+) weights", stdout)
+    assert match, stdout[-2000:]
+    held, total = (int(n.replace(",", "")) for n in match.groups())
+    return held, total
+
+
+def assert_half_held(llm, held: int, total: int) -> None:
+    """Each of 2 processes holds half of every LLM weight except the word embeddings (whole on every process: most
+    LLMs tie them to the LM head, and stage 2 looks words up outside the LLM's forward)."""
+    config = AutoConfig.from_pretrained(llm)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    reference = cls.from_pretrained(llm)
+    assert total == sum(p.numel() for p in reference.parameters())
+    words = {p for m in (reference.get_input_embeddings(), reference.get_output_embeddings()) for p in m.parameters()}
+    whole = sum(p.numel() for p in words)
+    assert held == pytest.approx(whole + (total - whole) / 2, abs=64)  # row padding of odd-sized shards
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_resume_after_kill_and_export(stage1_tiny, tmp_path):
     import blip2
@@ -64,7 +85,12 @@ def test_fsdp_two_processes_match_one_resume_after_kill_and_export(stage1_tiny, 
               "qformer.dropout=0.0", "export.dtype=float32"]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     train(*common, f"output_dir={one}")
-    launch(fsdp_command(*common, f"output_dir={two}", "train.batch_size=4"))  # the same global batch of 8
+    result = launch(fsdp_command(*common, f"output_dir={two}", "train.batch_size=4"))  # the same global batch of 8
+
+    # The frozen LLM is sharded too: each process holds half of every weight except the word embeddings (whole on
+    # every process: tied to the LM head and looked up outside the model's forward).
+    held, total = sharded_llm_weights(result.stdout)
+    assert_half_held(llm, held, total)
 
     # FSDP really ran (not DDP): the training checkpoint holds one shard of weights and of AdamW state per process.
     step = two / "checkpoints" / "step_00000006"
@@ -100,6 +126,22 @@ def test_fsdp_two_processes_match_one_resume_after_kill_and_export(stage1_tiny, 
     assert losses(killed) == pytest.approx(losses(two), rel=1e-6)  # the same processes: the same sums
     resumed = load_file(killed / "checkpoint" / "trained.safetensors")
     assert all(torch.allclose(resumed[k], weights_two[k], atol=1e-6) for k in weights_two)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_fsdp_shards_the_frozen_llm_of_each_family(kind, stage1_tiny, tmp_path):
+    """OPT (decoder-only, learned positions) and Flan-T5 (encoder-decoder, prefix LM, an untied LM head): the LLM
+    sharded over 2 processes gives the losses of 1 process."""
+    stage1, cache = stage1_tiny
+    llm = build_tiny_text_llm(tmp_path / "llm", kind)
+    common = ["stage2", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}", f"llm={llm}",
+              f"data.cache_dir={cache}", "train.steps=3", "train.log_every=1", "train.save_every=3", "optim.lr=3e-3",
+              "qformer.dropout=0.0"]
+    train(*common, f"output_dir={tmp_path / 'one'}")
+    result = launch(fsdp_command(*common, f"output_dir={tmp_path / 'two'}", "train.batch_size=4"))
+    assert_half_held(llm, *sharded_llm_weights(result.stdout))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
 @pytest.mark.slow
