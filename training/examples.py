@@ -2,7 +2,8 @@
 
 A row is an :class:`Example`: which cached image it shows, its kind ("caption" or "vqa"), the prompt and the
 target. :class:`Examples` builds the rows from cached features; :class:`RawExamples` is the same for images decoded
-every step (a fine-tuned image encoder).
+every step (a fine-tuned image encoder); :class:`StreamedExamples` turns a stream of captioned images (tar shards)
+into caption rows on the fly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import random
 from typing import NamedTuple
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .config import ConfigError
 
@@ -85,3 +86,29 @@ class RawExamples(Dataset):
             return item  # a Skipped marker: the collate replaces it
         return {"image": item["image"], "kind": "caption", "prompt": self.caption_prompt, "target": item["text"],
                 "id": item["id"]}
+
+
+class StreamedExamples(IterableDataset):
+    """Captioned images from a stream that splits itself across processes (``WebDatasetShards``) as caption rows,
+    decoded on the fly: data that fits in no index or feature cache. ``prefix_lm`` splits each caption as
+    :class:`Examples` does. Items that failed to load pass through as :class:`Skipped` markers for the collate."""
+
+    def __init__(self, stream: IterableDataset, caption_prompt: str, prefix_lm: bool, seed: int):
+        self.stream, self.caption_prompt, self.prefix_lm, self.seed = stream, caption_prompt, prefix_lm, seed
+
+    @property
+    def skipped(self):
+        return self.stream.skipped
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        for item in self.stream:
+            if not isinstance(item, dict):
+                yield item
+                continue
+            prompt, target = self.caption_prompt, item["text"]
+            if self.prefix_lm:
+                prompt, target = prefix_split(item["text"], item["id"], self.seed)
+            yield {"image": item["image"], "kind": "caption", "prompt": prompt, "target": target, "id": item["id"]}

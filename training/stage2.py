@@ -38,7 +38,7 @@ from .config import ConfigError, Stage2Config, dump_config
 from .data import ConcatPairs, replace_broken, train_transform
 from .data.sources import build_source
 from .engine import LoopConfig, fit, make_accelerator, shard_frozen
-from .examples import Examples, RawExamples
+from .examples import Examples, RawExamples, StreamedExamples
 from .features import cached_dataset, weights_digest
 from .sampling import repeat_questions, select_questions
 from .stage2_init import build, encoder_spec_of, load_frozen_llm
@@ -71,11 +71,13 @@ def check(cfg: Stage2Config) -> None:
         raise ConfigError("vision_finetune is for the caption task (paper Table 7); VQA and stage 2 keep the "
                           "image encoder frozen.")
     if any(source.get("type") == "shards" for source in cfg.data.sources):
-        # Stage 2 draws examples (captions, questions) by index, and its feature cache indexes images.
-        raise ConfigError("Stage 2 reads indexed examples; shards sources stream (stage 1 with "
-                          "data.cache_features: false). Convert the shards to a manifest for stage 2.")
-    if not cfg.vision_finetune.enabled and not cfg.data.cache_features:
-        raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true).")
+        # A stream has no index: nothing to cache features by, mix with other sources or pick questions from.
+        if len(cfg.data.sources) > 1 or cfg.data.cache_features or cfg.task == "vqa" or cfg.vision_finetune.enabled:
+            raise ConfigError("A shards source streams captions: make it the only source, with "
+                              "data.cache_features: false, task pretrain or caption and a frozen image encoder.")
+    elif not cfg.vision_finetune.enabled and not cfg.data.cache_features:
+        raise ConfigError("With a frozen encoder stage 2 trains on cached features (data.cache_features: true), "
+                          "unless it streams tar shards ({type: shards}).")
 
 
 def run(cfg: Stage2Config, resume: bool = False) -> dict:
@@ -122,6 +124,7 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         return out
 
     lr_scale = None
+    frozen_encoder = None  # streamed images: embedded every step by the frozen tower
     if trained_vision is not None:
         lr_scale = lr_scale_for(trained_vision, cfg.vision_finetune.layer_decay)
         transform = train_transform(getattr(encoder, "image_size", 224)) if d.augment else None
@@ -133,6 +136,16 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             out["pixel_values"] = encoder.preprocess([b["image"] for b in batch])
             return out
         source_count = len(train_set)
+    elif not d.cache_features:  # tar shards, streamed; the frozen encoder embeds each batch
+        train_set = StreamedExamples(build_source(d.sources[0]), caption_prompt, prefix_lm, cfg.train.seed)
+        frozen_encoder = encoder.to(accelerator.device)
+
+        def collate(batch):
+            batch = replace_broken(batch, skipped)
+            out = text_batch(batch)
+            out["pixel_values"] = frozen_encoder.preprocess([b["image"] for b in batch])
+            return out
+        source_count = "streamed"
     else:
         sources = [build_source(s) for s in d.sources]
         dataset = sources[0] if len(sources) == 1 else ConcatPairs(sources)
@@ -161,7 +174,8 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             return out
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"stage 2 ({task}, {family} LLM {cfg.llm}): {len(train_set)} examples from {source_count} "
+    examples = "streamed" if isinstance(train_set, StreamedExamples) else len(train_set)
+    accelerator.print(f"stage 2 ({task}, {family} LLM {cfg.llm}): {examples} examples from {source_count} "
                       f"images ({dict(skipped) or 'none'} skipped), {trainable / 1e6:.1f}M trainable parameters, "
                       f"init: {init['init']}")
 
@@ -169,6 +183,9 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         device = accelerator.device
         pixels = batch["pixel_values"].to(device) if "pixel_values" in batch else None
         embeds = batch["image_embeds"].to(device) if "image_embeds" in batch else None
+        if pixels is not None and frozen_encoder is not None:
+            with torch.no_grad():
+                embeds, pixels = frozen_encoder(pixels), None
         out = model(embeds, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                     batch["labels"].to(device), batch.get("qformer_text"), pixel_values=pixels,
                     yes_no=batch.get("yes_no"), names=batch.get("names"))
@@ -188,7 +205,8 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             qformer_text_input=unwrapped.qformer_embeddings is not None, vision_trained=cfg.vision_finetune.enabled,
             qformer_text_frozen_from=cfg.qformer_text_frozen_from,
             image_feature_norm=unwrapped.image_feature_norm,
-            metadata={"task": task, "step": step, "sources": d.sources, "init": init, "skipped": dict(skipped)},
+            metadata={"task": task, "step": step, "sources": d.sources, "init": init,
+                      "skipped": dict(skipped + Counter(getattr(train_set, "skipped", {})))},
         )
         save_checkpoint(unwrapped, output_dir / EXPORT_DIR, config, dtype=getattr(torch, cfg.export.dtype))
         if encoder_spec.get("type") == "eva-vit" and step == cfg.train.steps:

@@ -3,9 +3,12 @@
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from test_stage1_run import env
+from test_stage2 import losses, stage1_tiny, train  # noqa: F401  (stage1_tiny is a fixture)
 from training.engine import SampleStream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +167,73 @@ def test_streamed_sources_are_refused_where_items_are_indexed(tmp_path):
 
     with pytest.raises(ConfigError, match="needs a pattern"):
         build_source({"type": "shards"})
-    cfg = load_config(str(ROOT / "training/configs/stage2_tiny.yaml"),
-                      ['data.sources=[{type: shards, pattern: "x/*.tar"}]'], Stage2Config)
-    with pytest.raises(ConfigError, match="Stage 2 reads indexed examples"):
-        check(cfg)
+    shards = 'data.sources=[{type: shards, pattern: "x/*.tar"}]'
+    streamed = [shards, "data.cache_features=false"]
+    for overrides in ([shards], [*streamed, "task=vqa"],
+                      [*streamed, 'data.sources=[{type: shards, pattern: "x/*.tar"}, {type: scenes, n: 4}]']):
+        cfg = load_config(str(ROOT / "training/configs/stage2_tiny.yaml"), overrides, Stage2Config)
+        with pytest.raises(ConfigError, match="make it the only source, with data.cache_features: false, task "
+                                              "pretrain or caption"):
+            check(cfg)
+    check(load_config(str(ROOT / "training/configs/stage2_tiny.yaml"), streamed, Stage2Config))
+
+
+@pytest.fixture(scope="module")
+def scene_shards(tmp_path_factory):
+    """24 captioned scene pictures in 3 tar shards."""
+    from training.data import Scenes
+
+    folder = tmp_path_factory.mktemp("scene-shards")
+    scenes = Scenes(24, seed=1)
+    for s in range(3):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for k in range(8):
+                item = scenes[8 * s + k]
+                png = io.BytesIO()
+                item["image"].save(png, format="PNG")
+                for ext, data in (("png", png.getvalue()), ("txt", item["text"].encode())):
+                    info = tarfile.TarInfo(f"scene{k}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / "{00000..00002}.tar")
+
+
+@pytest.mark.slow
+def test_stage2_streams_shards_resumes_exactly_and_exports(stage1_tiny, scene_shards, tmp_path):
+    """Stage 2 on tar shards (no feature cache: the frozen encoder embeds each batch): 6 steps of 8 cross 2 epochs
+    of 24; stopped after step 4 and resumed, it reads the same samples and gives the same losses; blip2 loads it."""
+    import blip2
+    from safetensors.torch import load_file
+
+    stage1, _ = stage1_tiny
+    common = ["stage2", "--config", "training/configs/stage2_tiny.yaml", f"init_from={stage1}",
+              f'data.sources=[{{type: shards, pattern: "{scene_shards}", seed: 0}}]', "data.cache_features=false",
+              "train.log_every=1", "train.save_every=2", "qformer.dropout=0.0", "export.dtype=float32"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    result = train(*common, "train.steps=6", f"output_dir={full}")
+    assert "streamed examples" in result.stdout
+    full_losses = losses(full)
+    assert len(full_losses) == 6 and full_losses[-1] < full_losses[0]
+    # kill -9 right after the step-4 checkpoint, then resume.
+    proc = subprocess.Popen([sys.executable, "-m", "training", *common, "train.steps=6", f"output_dir={stopped}"],
+                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = stopped / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            latest.exists() and latest.read_text().strip() == "step_00000004"):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step_00000004"
+    state = json.loads((stopped / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["stream_positions"] == [[1, 8]]  # 32 samples read: all 24 of epoch 0, 8 of epoch 1
+    train(*common, "train.steps=6", f"output_dir={stopped}", "--resume")
+    assert losses(stopped) == pytest.approx(full_losses, rel=1e-6)
+    weights_full = load_file(full / "checkpoint" / "trained.safetensors")
+    weights_resumed = load_file(stopped / "checkpoint" / "trained.safetensors")
+    assert all(torch.allclose(weights_resumed[k], weights_full[k], atol=1e-6) for k in weights_full)
+    model = blip2.load(str(full / "checkpoint"), precision="fp32", device="cpu")
+    assert not model.info.untrained
+    metadata = json.loads((full / "checkpoint" / "blip2_config.json").read_text())["metadata"]
+    assert metadata["sources"][0]["type"] == "shards" and metadata["step"] == 6
