@@ -95,6 +95,11 @@ class TrainConfig:
 class LossConfig:
     itc_label_smoothing: float = 0.0
     itg_label_smoothing: float = 0.0
+    itm_negatives_ramp: int = 0
+    """ITM negatives go from uniformly drawn (mostly easy) at step 0 to the paper's hard negatives (drawn by ITC
+    similarity) at this step (micro-batches: steps x grad_accum), the similarities scaled by step / ramp in between;
+    0: hard from the start. With hard negatives from the start ITM sat at its label prior on the naming data
+    (docs/training.md, "Held-out retrieval")."""
 
 
 def _default_sources() -> list[dict]:

@@ -100,6 +100,7 @@ class Stage1QFormer(nn.Module):
         itg_label_smoothing: float = 0.0,
         image_feature_norm: str = "none",
         text_pooling: str = "cls",
+        itm_negatives_ramp: int = 0,
     ):
         super().__init__()
         if text_pooling not in TEXT_POOLINGS:
@@ -120,6 +121,7 @@ class Stage1QFormer(nn.Module):
         self.cls_token_id, self.dec_token_id, self.pad_token_id = cls_token_id, dec_token_id, pad_token_id
         self.itc_label_smoothing = itc_label_smoothing
         self.itg_label_smoothing = itg_label_smoothing
+        self.itm_negatives_ramp = itm_negatives_ramp
 
     @property
     def num_query_tokens(self) -> int:
@@ -219,6 +221,8 @@ class Stage1QFormer(nn.Module):
         input_ids_all, attention_mask_all = dist.gather(input_ids), dist.gather(attention_mask)
         with torch.no_grad():
             global_i2t = torch.einsum("iqe,je->ijq", image_feats_all, text_feat_all).amax(-1) / self.temp
+            if self.itm_negatives_ramp:  # easy (uniform) negatives first: see LossConfig.itm_negatives_ramp
+                global_i2t = global_i2t * min(1.0, step / self.itm_negatives_ramp)
             neg_text, neg_image = hard_negatives(global_i2t, not_negatives(ids_all, input_ids_all), step)
             rows = slice(rank * batch, (rank + 1) * batch)
             neg_text, neg_image = neg_text[rows], neg_image[rows]

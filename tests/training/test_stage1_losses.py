@@ -200,6 +200,31 @@ def test_a_caption_identical_to_the_positive_is_never_a_negative():
         assert neg_text[0] in (2, 3) and neg_text[1] in (2, 3)
 
 
+def test_itm_negatives_ramp_from_uniform_to_hard(monkeypatch):
+    """With itm_negatives_ramp=R the negatives are drawn from the ITC similarities scaled by step / R: uniform at
+    step 0 (all zero), half at R / 2, the paper's hard negatives from R on."""
+    import training.qformer as qformer
+
+    drawn = []
+
+    def spy(sim, blocked, step):
+        drawn.append(sim.clone())
+        return hard_negatives(sim, blocked, step)
+
+    monkeypatch.setattr(qformer, "hard_negatives", spy)
+    image_embeds, ids, mask = batch()
+    model = tiny_model(itm_negatives_ramp=10)
+    with torch.no_grad():
+        z, t = model.itc_features(image_embeds, ids, mask)
+        full = torch.einsum("iqe,je->ijq", z, t).amax(-1) / model.temp
+        for step in (0, 5, 10, 25):
+            model(image_embeds, ids, mask, step=step)
+        tiny_model()(image_embeds, ids, mask, step=0)  # no ramp: hard from the start
+    assert torch.equal(drawn[0], torch.zeros_like(full))
+    for got, scale in zip(drawn[1:], (0.5, 1.0, 1.0, 1.0)):
+        assert torch.allclose(got, full * scale, atol=1e-5)
+
+
 def test_one_image_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="two different images"):
         hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), 0)
