@@ -95,6 +95,9 @@ class TrainConfig:
 class LossConfig:
     itc_label_smoothing: float = 0.0
     itg_label_smoothing: float = 0.0
+    itm_weight: float = 1.0
+    """The ITM loss's weight in the sum (the paper: 1, like ITC and ITG). With 1 on the naming data ITM stayed at its
+    label prior while ITC and ITG trained: their gradients swamp ITM's in the shared weights (docs/training.md)."""
     itm_negatives_ramp: int = 0
     """ITM negatives go from uniformly drawn (mostly easy) at step 0 to the paper's hard negatives (drawn by ITC
     similarity) at this step (micro-batches: steps x grad_accum), the similarities scaled by step / ramp in between;

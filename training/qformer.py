@@ -101,6 +101,7 @@ class Stage1QFormer(nn.Module):
         image_feature_norm: str = "none",
         text_pooling: str = "cls",
         itm_negatives_ramp: int = 0,
+        itm_weight: float = 1.0,
     ):
         super().__init__()
         if text_pooling not in TEXT_POOLINGS:
@@ -122,6 +123,7 @@ class Stage1QFormer(nn.Module):
         self.itc_label_smoothing = itc_label_smoothing
         self.itg_label_smoothing = itg_label_smoothing
         self.itm_negatives_ramp = itm_negatives_ramp
+        self.itm_weight = itm_weight
 
     @property
     def num_query_tokens(self) -> int:
@@ -240,7 +242,7 @@ class Stage1QFormer(nn.Module):
             ignore_index=-100, reduction="sum", label_smoothing=self.itg_label_smoothing,
         )
         itg = dist.global_token_mean(token_sum, (labels != -100).sum())
-        return Stage1Losses(itc + itm + itg, itc, itm, itg)
+        return Stage1Losses(itc + self.itm_weight * itm + itg, itc, itm, itg)
 
 
 def not_negatives(image_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

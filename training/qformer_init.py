@@ -42,7 +42,7 @@ def build_qformer(q: QFormerConfig, tokenizer, encoder_dim: int, seed: int,
         model, _ = load_stage1(q.checkpoint)
         # The losses are this run's, not the checkpoint's.
         model.itc_label_smoothing, model.itg_label_smoothing = loss.itc_label_smoothing, loss.itg_label_smoothing
-        model.itm_negatives_ramp = loss.itm_negatives_ramp
+        model.itm_negatives_ramp, model.itm_weight = loss.itm_negatives_ramp, loss.itm_weight
         return model
     sizes = dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers,
                  num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
@@ -69,7 +69,7 @@ def build_qformer(q: QFormerConfig, tokenizer, encoder_dim: int, seed: int,
         dec_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN), pad_token_id=tokenizer.pad_token_id,
         itc_label_smoothing=loss.itc_label_smoothing, itg_label_smoothing=loss.itg_label_smoothing,
         image_feature_norm=q.image_feature_norm, text_pooling=q.text_pooling,
-        itm_negatives_ramp=loss.itm_negatives_ramp,
+        itm_negatives_ramp=loss.itm_negatives_ramp, itm_weight=loss.itm_weight,
     )
     if bert_state is not None:
         model.pretrained_names = set(load_bert_weights(model, bert_state))

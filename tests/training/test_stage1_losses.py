@@ -171,6 +171,10 @@ def test_itm_matches_explicit_formula():
             terms += [explicit_ce(pos, 1), explicit_ce(neg1, 0), explicit_ce(neg2, 0)]
     assert float(losses.itm) == pytest.approx(sum(terms) / len(terms), rel=1e-4)
     assert float(losses.loss) == pytest.approx(float(losses.itc + losses.itm + losses.itg), rel=1e-6)
+    with torch.no_grad():
+        weighted = tiny_model(itm_weight=10.0)(image_embeds, ids, mask, step=3)
+    assert float(weighted.itm) == pytest.approx(float(losses.itm), rel=1e-6)  # same model, same negatives
+    assert float(weighted.loss) == pytest.approx(float(losses.itc + 10 * losses.itm + losses.itg), rel=1e-5)
 
 
 def test_hard_negatives_exclude_positives_and_follow_similarity():
