@@ -2,12 +2,9 @@
 with the same global batch, sharded training checkpoints that resume exactly after kill -9, and an export that
 blip2 loads."""
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from conftest import build_tiny_text_llm
+from test_stage1_run import kill_after_checkpoint
 from test_stage2 import env, losses, stage1_tiny, train  # noqa: F401  (stage1_tiny is a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,15 +111,8 @@ def test_fsdp_two_processes_match_one_resume_after_kill_and_export(stage1_tiny, 
     assert isinstance(model.ask(Scenes(1, seed=5)[0]["image"], "How many shapes are there?", max_new_tokens=4), str)
 
     # kill -9 both processes (and the launcher) right after the step-2 checkpoint, then resume on 2 processes.
-    proc = subprocess.Popen(fsdp_command(*common, f"output_dir={killed}", "train.batch_size=4"), cwd=ROOT,
-                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (latest.exists() and latest.read_text().strip()):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text().strip() == "step_00000002"
+    kill_after_checkpoint(fsdp_command(*common, f"output_dir={killed}", "train.batch_size=4"), killed, step=2,
+                          environment=cpu_env())
     launch(fsdp_command(*common, f"output_dir={killed}", "train.batch_size=4", "--resume"))
     assert losses(killed) == pytest.approx(losses(two), rel=1e-6)  # the same processes: the same sums
     resumed = load_file(killed / "checkpoint" / "trained.safetensors")

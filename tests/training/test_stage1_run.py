@@ -41,6 +41,25 @@ def run(cmd):
     return result
 
 
+def kill_after_checkpoint(cmd, output_dir, step: int, environment: dict | None = None) -> None:
+    """Start a training command and kill -9 it, with every process it launched, as soon as its step-``step``
+    checkpoint is the latest; fails if that checkpoint never came."""
+    name = f"step_{step:08d}"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment or env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = Path(output_dir) / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            latest.exists() and latest.read_text().strip() == name):
+        time.sleep(0.02)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended by itself: the assertion below says whether the checkpoint came
+        pass
+    proc.wait()
+    assert latest.exists() and latest.read_text().strip() == name
+
+
 def metrics(output_dir) -> list[dict]:
     with open(Path(output_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -85,15 +104,7 @@ def test_two_processes_match_one(tmp_path, cache, reference):
 
 def test_resume_after_kill_9_continues_the_same_curve(tmp_path, cache, reference):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out, f"data.cache_dir={cache}"), cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "step_00000004"):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text().strip() == "step_00000004"
+    kill_after_checkpoint(command(out, f"data.cache_dir={cache}"), out, step=4)
     run(command(out, f"data.cache_dir={cache}", "--resume"))
     assert_same_curve(metrics(out), metrics(reference), rel=1e-6)
 

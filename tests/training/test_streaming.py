@@ -3,19 +3,16 @@
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from test_stage1_run import env
+from test_stage1_run import env, kill_after_checkpoint
 from test_stage2 import losses, stage1_tiny, train  # noqa: F401  (stage1_tiny is a fixture)
 from training.engine import SampleStream
 
@@ -215,17 +212,8 @@ def test_stage2_streams_shards_resumes_exactly_and_exports(stage1_tiny, scene_sh
     full_losses = losses(full)
     assert len(full_losses) == 6 and full_losses[-1] < full_losses[0]
     # kill -9 right after the step-4 checkpoint, then resume.
-    proc = subprocess.Popen([sys.executable, "-m", "training", *common, "train.steps=6", f"output_dir={stopped}"],
-                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = stopped / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            latest.exists() and latest.read_text().strip() == "step_00000004"):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text().strip() == "step_00000004"
+    kill_after_checkpoint([sys.executable, "-m", "training", *common, "train.steps=6", f"output_dir={stopped}"],
+                          stopped, step=4)
     state = json.loads((stopped / "checkpoints" / "step_00000004" / "state.json").read_text())
     assert state["stream_positions"] == [[1, 8]]  # 32 samples read: all 24 of epoch 0, 8 of epoch 1
     train(*common, "train.steps=6", f"output_dir={stopped}", "--resume")
