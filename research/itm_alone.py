@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def main() -> None:
     from training.data.sources import build_source
     from training.engine import make_accelerator
     from training.features import cached_dataset, collate_features
-    from training.qformer_init import tokenize
+    from training.qformer_init import set_losses, tokenize
     from training.sampling import repeat_by_source
     from training.stage1 import image_key
     from training.stage1_checkpoint import TOKENIZER_DIR, load_stage1
@@ -53,10 +54,9 @@ def main() -> None:
     cfg = load_config(args.config, [], Stage1Config)
     checkpoint = Path(args.checkpoint)
     model, config = load_stage1(checkpoint)
-    model.itc_label_smoothing, model.itg_label_smoothing = cfg.loss.itc_label_smoothing, cfg.loss.itg_label_smoothing
     # Uniform negatives: similarities scaled by step / ramp, with a ramp no run reaches.
-    model.itm_negatives_ramp = 10**9 if args.negatives == "uniform" else 0
-    model.itm_weight = args.itm_weight
+    set_losses(model, replace(cfg.loss, itm_negatives_ramp=10**9 if args.negatives == "uniform" else 0,
+                              itm_weight=args.itm_weight))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR)
     encoder = build_encoder(config["encoder"]).freeze()
     dataset = ConcatPairs([build_source(s) for s in cfg.data.sources])

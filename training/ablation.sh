@@ -27,38 +27,39 @@ evaluate() {  # checkpoint, output folder
         --data emoji:test --protocol greedy --output "$2"
 }
 
+# Per recipe: the stage-1 Q-Former of the "with" arm, stage 2's config, the VQA fine-tune after it (none: the arms
+# are evaluated after stage 2), and where results and the plot go.
 case "$RECIPE" in
-    default) STAGE1=runs/default/stage1/stage1 OUT=runs/ablation PLOT=assets/ablation.png
-             STAGE2_STEPS="${STAGE2_STEPS:-50}" VQA_STEPS="${VQA_STEPS:-150}" ;;
-    naming)  STAGE1=runs/stage1_naming/stage1 OUT=runs/ablation_naming PLOT=assets/ablation_naming.png
-             STAGE2_STEPS="${STAGE2_STEPS:-300}"
-             [ -f runs/stage1_naming/final_metrics.json ] || python -m training fetch-data
-             [ -f runs/stage1_naming/final_metrics.json ] || python -m training stage1 --resume \
-                 --config training/configs/stage1_naming.yaml ;;
+    default) STAGE1=runs/default/stage1/stage1 STAGE2=stage2 VQA=vqa OUT=runs/ablation PLOT=assets/ablation.png
+             STAGE2_STEPS="${STAGE2_STEPS:-50}" VQA_STEPS="${VQA_STEPS:-150}"
+             TITLES="stage 2 (captions),VQA fine-tune" ;;
+    naming)  STAGE1=runs/stage1_naming/stage1 STAGE2=naming VQA= OUT=runs/ablation_naming
+             PLOT=assets/ablation_naming.png
+             STAGE2_STEPS="${STAGE2_STEPS:-300}" TITLES="stage 2 (naming data: captions and questions)"
+             if [ ! -f runs/stage1_naming/final_metrics.json ]; then
+                 python -m training fetch-data
+                 python -m training stage1 --resume --config training/configs/stage1_naming.yaml
+             fi ;;
     *) echo "RECIPE must be default or naming, not $RECIPE" >&2; exit 2 ;;
 esac
 
+curves=()
 for arm in with without; do
     init=(init_from=$STAGE1)
     [ "$arm" = without ] && init=("${BERT_QFORMER[@]}")
     out=$OUT/$arm
-    if [ "$RECIPE" = naming ]; then
-        [ -f $out/stage2/final_metrics.json ] || python -m training stage2 --config training/configs/ablation/naming.yaml \
-            --resume output_dir=$out/stage2 train.steps=$STAGE2_STEPS "${init[@]}"
-        evaluate $out/stage2/checkpoint $out
-    else
-        [ -f $out/stage2/final_metrics.json ] || python -m training stage2 --config training/configs/ablation/stage2.yaml \
-            --resume output_dir=$out/stage2 train.steps=$STAGE2_STEPS "${init[@]}"
+    [ -f $out/stage2/final_metrics.json ] || python -m training stage2 --config training/configs/ablation/$STAGE2.yaml \
+        --resume output_dir=$out/stage2 train.steps=$STAGE2_STEPS "${init[@]}"
+    last=$out/stage2
+    if [ -n "$VQA" ]; then
         [ -f $out/vqa/final_metrics.json ] || python -m training finetune --task vqa \
-            --config training/configs/ablation/vqa.yaml --resume output_dir=$out/vqa init_from=$out/stage2/checkpoint \
+            --config training/configs/ablation/$VQA.yaml --resume output_dir=$out/vqa init_from=$out/stage2/checkpoint \
             train.steps=$VQA_STEPS
-        evaluate $out/vqa/checkpoint $out
+        last=$out/vqa
     fi
+    evaluate $last/checkpoint $out
+    runs=$out/stage2
+    [ -n "$VQA" ] && runs=$runs,$out/vqa
+    curves+=("$arm stage 1=$runs")
 done
-if [ "$RECIPE" = naming ]; then
-    python -m training.plot_runs --output $PLOT --titles "stage 2 (naming data: captions and questions)" \
-        "with stage 1=$OUT/with/stage2" "without stage 1=$OUT/without/stage2"
-else
-    python -m training.plot_runs --output $PLOT --titles "stage 2 (captions),VQA fine-tune" \
-        "with stage 1=$OUT/with/stage2,$OUT/with/vqa" "without stage 1=$OUT/without/stage2,$OUT/without/vqa"
-fi
+python -m training.plot_runs --output $PLOT --titles "$TITLES" "${curves[@]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import load_file
@@ -40,10 +41,7 @@ def build_qformer(q: QFormerConfig, tokenizer, encoder_dim: int, seed: int,
         if not q.checkpoint:
             raise ConfigError("qformer.init=checkpoint needs qformer.checkpoint=<stage-1 folder>.")
         model, _ = load_stage1(q.checkpoint)
-        # The losses are this run's, not the checkpoint's.
-        model.itc_label_smoothing, model.itg_label_smoothing = loss.itc_label_smoothing, loss.itg_label_smoothing
-        model.itm_negatives_ramp, model.itm_weight = loss.itm_negatives_ramp, loss.itm_weight
-        return model
+        return set_losses(model, loss)  # the losses are this run's, not the checkpoint's
     sizes = dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers,
                  num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
                  max_position_embeddings=512)
@@ -67,9 +65,7 @@ def build_qformer(q: QFormerConfig, tokenizer, encoder_dim: int, seed: int,
     model = Stage1QFormer(
         config, q.num_query_tokens, embed_dim=q.embed_dim, cls_token_id=tokenizer.cls_token_id,
         dec_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN), pad_token_id=tokenizer.pad_token_id,
-        itc_label_smoothing=loss.itc_label_smoothing, itg_label_smoothing=loss.itg_label_smoothing,
-        image_feature_norm=q.image_feature_norm, text_pooling=q.text_pooling,
-        itm_negatives_ramp=loss.itm_negatives_ramp, itm_weight=loss.itm_weight,
+        image_feature_norm=q.image_feature_norm, text_pooling=q.text_pooling, **asdict(loss),
     )
     if bert_state is not None:
         model.pretrained_names = set(load_bert_weights(model, bert_state))
@@ -80,6 +76,14 @@ def build_qformer(q: QFormerConfig, tokenizer, encoder_dim: int, seed: int,
             # (The ITG head's decoder is tied to the word embeddings, so it stays BERT's too; its bias trains.)
             if name == "embeddings.word_embeddings.weight" or is_text_only_weight(name):
                 param.requires_grad_(False)
+    return model
+
+
+def set_losses(model: Stage1QFormer, loss: LossConfig) -> Stage1QFormer:
+    """Give ``model`` the loss settings of ``loss`` (each LossConfig field is the Stage1QFormer attribute of its
+    name, as its constructor takes them)."""
+    for name, value in asdict(loss).items():
+        setattr(model, name, value)
     return model
 
 

@@ -123,29 +123,23 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             out["names"] = name_bank.labels(batch)
         return out
 
+    def decoded_batch(batch):  # images decoded every step (no feature cache): the encoder's own preprocessing
+        batch = replace_broken(batch, skipped)
+        out = text_batch(batch)
+        out["pixel_values"] = encoder.preprocess([b["image"] for b in batch])
+        return out
+
     lr_scale = None
     frozen_encoder = None  # streamed images: embedded every step by the frozen tower
     if trained_vision is not None:
         lr_scale = lr_scale_for(trained_vision, cfg.vision_finetune.layer_decay)
         transform = train_transform(getattr(encoder, "image_size", 224)) if d.augment else None
         train_set = RawExamples(ConcatPairs([build_source(s, transform) for s in d.sources]), caption_prompt)
-
-        def collate(batch):
-            batch = replace_broken(batch, skipped)
-            out = text_batch(batch)
-            out["pixel_values"] = encoder.preprocess([b["image"] for b in batch])
-            return out
-        source_count = len(train_set)
+        collate, source_count = decoded_batch, len(train_set)
     elif not d.cache_features:  # tar shards, streamed; the frozen encoder embeds each batch
         train_set = StreamedExamples(build_source(d.sources[0]), caption_prompt, prefix_lm, cfg.train.seed)
         frozen_encoder = encoder.to(accelerator.device)
-
-        def collate(batch):
-            batch = replace_broken(batch, skipped)
-            out = text_batch(batch)
-            out["pixel_values"] = frozen_encoder.preprocess([b["image"] for b in batch])
-            return out
-        source_count = "streamed"
+        collate, source_count = decoded_batch, "streamed"
     else:
         sources = [build_source(s) for s in d.sources]
         dataset = sources[0] if len(sources) == 1 else ConcatPairs(sources)
